@@ -1,0 +1,41 @@
+# The README's commands. Every target creates and uses .venv itself.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
+
+.PHONY: demo test lint bench bench-overhead bench-routing bench-index loadtest clean
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev,loadtest]'
+	@rm -f $(VENV)/.installed-*
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/prefix-router demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+bench: $(STAMP)
+	$(BIN)/prefix-router bench overhead
+	$(BIN)/prefix-router bench routing
+
+bench-overhead: $(STAMP)
+	$(BIN)/prefix-router bench overhead
+
+bench-routing: $(STAMP)
+	$(BIN)/prefix-router bench routing
+
+bench-index: $(STAMP)
+	$(BIN)/prefix-router bench index
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,94 @@
+"""build_app(config): the gateway as an aiohttp Application.
+
+Everything is built here and stored under typed app keys; background work (health checks,
+load scraping) starts and stops through `cleanup_ctx`. A test builds a fresh app.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import socket
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from router.auth import Authenticator
+from router.config import GatewayConfig
+from router.http import openai, ops
+from router.http.context import STATE, GatewayState
+from router.http.middleware import edge
+from router.metrics import GatewayMetrics
+from router.upstream.health import HealthChecker
+from router.upstream.load_scrape import LoadScraper
+from router.upstream.outlier import OutlierDetector
+from router.upstream.proxy import Proxy
+from router.upstream.registry import Registry
+
+
+def build_app(config: GatewayConfig, rng: random.Random | None = None) -> web.Application:
+    registry = Registry(config, rng=rng)
+    metrics = GatewayMetrics(registry.workers)
+    state = GatewayState(
+        config=config, registry=registry, metrics=metrics, auth=Authenticator(config.auth)
+    )
+    # The body limit is enforced by read_body with a clear 413; aiohttp's own cap sits above it.
+    app = web.Application(middlewares=[edge], client_max_size=config.limits.max_body_bytes + 1)
+    app[STATE] = state
+    app.router.add_post("/v1/chat/completions", openai.chat_completions)
+    app.router.add_post("/v1/completions", openai.text_completions)
+    app.router.add_get("/v1/models", openai.list_models)
+    app.router.add_get("/health", ops.health)
+    app.router.add_get("/ready", ops.ready)
+    app.router.add_get("/metrics", ops.metrics)
+    app.cleanup_ctx.append(_upstream_client)
+    app.cleanup_ctx.append(_background_tasks)
+    return app
+
+
+async def _upstream_client(app: web.Application) -> AsyncIterator[None]:
+    """One client session for every upstream call, built once (never per request)."""
+    state = app[STATE]
+    connector = aiohttp.TCPConnector(
+        limit=0,
+        limit_per_host=0,
+        keepalive_timeout=30.0,
+        enable_cleanup_closed=True,
+        family=socket.AF_INET,
+    )
+    session = aiohttp.ClientSession(
+        connector=connector,
+        auto_decompress=False,
+        skip_auto_headers=("User-Agent", "Accept-Encoding"),
+        raise_for_status=False,
+    )
+    state.session = session
+    outlier = OutlierDetector(state.registry, state.config.outlier, state.metrics)
+    state.proxy = Proxy(
+        session, state.config.timeouts, state.config.retries, outlier, state.metrics
+    )
+    yield
+    await session.close()
+
+
+async def _background_tasks(app: web.Application) -> AsyncIterator[None]:
+    state = app[STATE]
+    assert state.session is not None
+    checker = HealthChecker(state.registry, state.session, state.config.health, state.metrics)
+    scraper = LoadScraper(state.registry, state.session, state.config.load_scrape)
+    # Probe once before serving so a healthy worker is routable from the first request.
+    await checker.probe_all()
+    runs: list[Callable[[], Coroutine[Any, Any, None]]] = [checker.run]
+    if state.config.load_scrape.enabled:
+        await scraper.scrape_all()
+        runs.append(scraper.run)
+    tasks = [asyncio.create_task(run()) for run in runs]
+    yield
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

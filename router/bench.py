@@ -1,0 +1,17 @@
+"""Dispatch `prefix-router bench NAME` to the benchmark modules in `loadtest/`."""
+
+from __future__ import annotations
+
+import importlib
+
+_MODULES = {
+    "overhead": "loadtest.bench_overhead",
+    "routing": "loadtest.bench_routing",
+    "index": "loadtest.bench_index",
+}
+
+
+def run_bench(name: str, argv: list[str]) -> int:
+    module = importlib.import_module(_MODULES[name])
+    result: int = module.run(argv)
+    return result

@@ -1,0 +1,325 @@
+"""Every pydantic model of the routing YAML, and how to load and validate it.
+
+Components receive their typed sub-config; nothing outside this module parses configuration.
+All models forbid unknown fields so a typo in the YAML is an error, not a silent default.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ListenConfig(Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+
+
+class TimeoutsConfig(Strict):
+    """Per-phase upstream timeouts, in seconds."""
+
+    connect_s: float = Field(2.0, gt=0)
+    first_byte_s: float = Field(60.0, gt=0)
+    idle_s: float = Field(30.0, gt=0, description="longest gap between two streamed chunks")
+    total_s: float = Field(600.0, gt=0)
+
+
+class HealthConfig(Strict):
+    """Active health checks: `/health` plus the model identity from `/v1/models`."""
+
+    interval_s: float = Field(2.0, gt=0)
+    timeout_s: float = Field(1.0, gt=0)
+    healthy_threshold: int = Field(1, ge=1)
+    unhealthy_threshold: int = Field(2, ge=1)
+    check_model: bool = True
+
+
+class OutlierConfig(Strict):
+    """Passive outlier ejection: consecutive failures take a worker out for a growing time."""
+
+    consecutive_failures: int = Field(3, ge=1)
+    base_ejection_s: float = Field(5.0, gt=0)
+    max_ejection_s: float = Field(300.0, gt=0)
+    max_ejected_share: float = Field(
+        0.5, ge=0.0, le=1.0, description="never eject more than this share of a pool at once"
+    )
+
+
+class RetryConfig(Strict):
+    """Retries before the first byte only, never to a worker already tried."""
+
+    max_attempts: int = Field(3, ge=1, description="first try included")
+    budget_share: float = Field(
+        0.2, ge=0.0, le=1.0, description="retries in flight at most this share of active requests"
+    )
+    min_retries_in_flight: int = Field(3, ge=0, description="always allowed, whatever the share")
+    backoff_base_s: float = Field(0.005, ge=0)
+    backoff_max_s: float = Field(0.1, ge=0)
+    retry_on_429: bool = False
+    retry_on_first_byte_timeout: bool = True
+
+
+class LoadScrapeConfig(Strict):
+    """Scraping each worker's `/metrics` for running, waiting, KV usage and capacity."""
+
+    enabled: bool = True
+    interval_s: float = Field(1.0, gt=0)
+    timeout_s: float = Field(1.0, gt=0)
+
+
+class RequestLimitsConfig(Strict):
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    max_json_depth: int = Field(32, ge=2)
+
+
+class RoundRobinPolicy(Strict):
+    name: Literal["round_robin"] = "round_robin"
+
+
+class LeastLoadPolicy(Strict):
+    name: Literal["least_load"] = "least_load"
+
+
+class ConsistentHashPolicy(Strict):
+    """Session key -> worker on a hash ring, spilling over when a worker is over its bound."""
+
+    name: Literal["consistent_hash"] = "consistent_hash"
+    virtual_nodes: int = Field(160, ge=1)
+    load_factor: float = Field(1.25, ge=1.0, description="bound = ceil(mean in-flight x factor)")
+
+
+class PrefixPolicy(Strict):
+    """SGLang-style baseline: cache threshold plus absolute/relative imbalance gate."""
+
+    name: Literal["prefix"] = "prefix"
+    cache_threshold: float = Field(0.5, ge=0.0, le=1.0)
+    balance_abs_threshold: int = Field(32, ge=0)
+    balance_rel_threshold: float = Field(1.1, ge=1.0)
+
+
+class HybridPolicy(Strict):
+    """Rank workers by estimated time to first token; sticky sessions within a margin."""
+
+    name: Literal["hybrid"] = "hybrid"
+    prefill_tokens_per_s: float = Field(
+        20000.0, gt=0, description="prefill rate used when a worker reports none"
+    )
+    decode_s_per_running: float = Field(
+        0.002, ge=0, description="TTFT added per sequence already decoding on the worker"
+    )
+    queue_s_per_waiting: float = Field(
+        0.05, ge=0, description="TTFT added per request waiting in the worker's own queue"
+    )
+    session_margin_s: float = Field(
+        0.05, ge=0, description="a session stays on its worker while within this of the best"
+    )
+    session_max_entries: int = Field(
+        100_000, ge=1, description="sessions remembered in memory; least recently used go first"
+    )
+    session_ttl_s: float = Field(
+        3600.0, gt=0, description="a session idle this long forgets its worker"
+    )
+
+
+PolicyConfig = Annotated[
+    RoundRobinPolicy | LeastLoadPolicy | ConsistentHashPolicy | PrefixPolicy | HybridPolicy,
+    Field(discriminator="name"),
+]
+POLICY_NAMES = ("round_robin", "least_load", "consistent_hash", "prefix", "hybrid")
+
+
+class IndexConfig(Strict):
+    """The approximate prefix index: text chunks standing in for KV blocks."""
+
+    block_chars: int = Field(64, ge=4, description="characters per block key (~16 tokens)")
+    default_capacity_blocks: int = Field(
+        50_000, ge=1, description="per-worker budget when the worker reports no KV capacity"
+    )
+    max_blocks_total: int = Field(2_000_000, ge=1, description="hard bound over all workers")
+    dense_blocks: int = Field(
+        16,
+        ge=1,
+        description="blocks keyed one by one at the start of a prompt; past twice this, keys"
+        " thin out geometrically (spacing ~ position / dense_blocks) to bound routing time",
+    )
+    backend: Literal["flat", "pygtrie"] = Field(
+        "flat", description="index structure: flat dict of chained keys (fast) or pygtrie"
+    )
+
+
+class WorkerConfig(Strict):
+    url: str
+    id: str | None = None
+    kv_capacity_blocks: int | None = Field(None, ge=1)
+
+    @field_validator("url")
+    @classmethod
+    def _base_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("worker url must start with http:// or https://")
+        value = value.rstrip("/")
+        if value.endswith("/v1"):
+            raise ValueError("give the worker's base URL, without /v1")
+        return value
+
+
+class PoolConfig(Strict):
+    aliases: list[str] = Field(default_factory=list)
+    workers: list[WorkerConfig] = Field(default_factory=list)
+    policy: PolicyConfig = Field(default_factory=HybridPolicy)
+    index: IndexConfig = Field(default_factory=IndexConfig)
+    max_prompt_tokens: int = Field(131_072, ge=1)
+    max_tokens_limit: int = Field(32_768, ge=1)
+
+    @model_validator(mode="after")
+    def _unique_workers(self) -> PoolConfig:
+        urls = [w.url for w in self.workers]
+        if len(set(urls)) != len(urls):
+            raise ValueError("a worker url is listed twice")
+        return self
+
+
+class TenantLimits(Strict):
+    """Per-key limits; `None` means unlimited."""
+
+    requests_per_minute: int | None = Field(None, ge=1)
+    tokens_per_minute: int | None = Field(None, ge=1)
+    concurrent_requests: int | None = Field(None, ge=1)
+
+
+class ApiKeyConfig(Strict):
+    """One API key, stored as its SHA-256 (lowercase hex) or read from an environment variable."""
+
+    tenant: str = Field(min_length=1, max_length=64)
+    sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
+    env: str | None = Field(None, description="environment variable holding the plain key")
+    models: list[str] = Field(default_factory=lambda: ["*"], description='"*" allows every model')
+    priority: Literal["high", "normal", "low"] = "normal"
+    admin: bool = False
+    allow_routing_headers: bool = Field(
+        False, description="may steer routing with X-Route-To-Worker / X-Priority headers"
+    )
+    limits: TenantLimits = Field(default_factory=TenantLimits)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ApiKeyConfig:
+        if (self.sha256 is None) == (self.env is None):
+            raise ValueError("give exactly one of sha256 or env")
+        return self
+
+
+class AuthConfig(Strict):
+    enabled: bool = Field(description="auth off must be said explicitly")
+    keys: list[ApiKeyConfig] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _keys_when_enabled(self) -> AuthConfig:
+        if self.enabled and not self.keys:
+            raise ValueError("auth is enabled but no keys are configured")
+        return self
+
+
+class StateConfig(Strict):
+    backend: Literal["memory", "redis"] = "memory"
+    redis_url: str | None = None
+    timeout_s: float = Field(0.05, gt=0)
+
+    @model_validator(mode="after")
+    def _redis_needs_url(self) -> StateConfig:
+        if self.backend == "redis" and not self.redis_url:
+            raise ValueError("state.backend redis needs state.redis_url")
+        return self
+
+
+class GatewayConfig(Strict):
+    listen: ListenConfig = Field(default_factory=ListenConfig)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    auth: AuthConfig
+    state: StateConfig = Field(default_factory=StateConfig)
+    limits: RequestLimitsConfig = Field(default_factory=RequestLimitsConfig)
+    timeouts: TimeoutsConfig = Field(default_factory=TimeoutsConfig)
+    health: HealthConfig = Field(default_factory=HealthConfig)
+    load_scrape: LoadScrapeConfig = Field(default_factory=LoadScrapeConfig)
+    outlier: OutlierConfig = Field(default_factory=OutlierConfig)
+    retries: RetryConfig = Field(default_factory=RetryConfig)
+    debug_headers: bool = Field(False, description="add X-Route-* headers to every response")
+    pools: dict[str, PoolConfig] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique_model_names(self) -> GatewayConfig:
+        seen: dict[str, str] = {}
+        for model, pool in self.pools.items():
+            for name in (model, *pool.aliases):
+                if name in seen:
+                    raise ValueError(f"model name {name!r} is served by two pools")
+                seen[name] = model
+        return self
+
+
+class ConfigError(Exception):
+    """A routing YAML that cannot be used; `problems` lists (field path, message)."""
+
+    def __init__(self, problems: list[tuple[str, str]]) -> None:
+        self.problems = problems
+        super().__init__("; ".join(f"{path}: {msg}" for path, msg in problems))
+
+
+def parse_config(data: Any) -> GatewayConfig:
+    try:
+        return GatewayConfig.model_validate(data)
+    except ValidationError as exc:
+        problems = [
+            (".".join(str(p) for p in err["loc"]) or "(top)", err["msg"]) for err in exc.errors()
+        ]
+        raise ConfigError(problems) from None
+
+
+def load_config(path: str | Path) -> GatewayConfig:
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError([("(file)", str(exc))]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError([("(yaml)", str(exc))]) from None
+    if not isinstance(data, dict):
+        raise ConfigError([("(top)", "the routing YAML must be a mapping")])
+    return parse_config(data)
+
+
+def quick_config(
+    model: str,
+    worker_urls: list[str],
+    *,
+    policy: str = "hybrid",
+    host: str = "127.0.0.1",
+    port: int = 8080,
+    redis_url: str | None = None,
+    api_key_hash: str | None = None,
+) -> GatewayConfig:
+    """The one-pool config `prefix-router serve --model --worker` builds (DESIGN.md §10.2)."""
+    state: dict[str, Any] = {"backend": "memory"}
+    if redis_url:
+        state = {"backend": "redis", "redis_url": redis_url}
+    auth: dict[str, Any] = {"enabled": False}
+    if api_key_hash:
+        key = {"tenant": "default", "sha256": api_key_hash.lower(), "admin": True}
+        auth = {"enabled": True, "keys": [key]}
+    return parse_config(
+        {
+            "listen": {"host": host, "port": port},
+            "auth": auth,
+            "state": state,
+            "pools": {
+                model: {"workers": [{"url": u} for u in worker_urls], "policy": {"name": policy}}
+            },
+        }
+    )

@@ -1,0 +1,113 @@
+"""Reading and checking OpenAI request bodies before anything is routed.
+
+Checks are cheap and structural: size, JSON validity and nesting depth, and the types of the
+fields the gateway itself reads. Everything else passes upstream untouched.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+
+from aiohttp import web
+
+from router.errors import InvalidRequest, PayloadTooLarge
+
+Kind = Literal["chat", "completions"]
+
+
+async def read_body(request: web.Request, max_bytes: int) -> bytes:
+    length = request.content_length
+    if length is not None and length > max_bytes:
+        raise PayloadTooLarge(f"request body of {length} bytes is over the {max_bytes} limit")
+    try:
+        body = await request.content.read(max_bytes + 1)
+    except ConnectionError as exc:
+        raise InvalidRequest(f"could not read the request body: {exc}") from None
+    if len(body) > max_bytes:
+        raise PayloadTooLarge(f"request body is over the {max_bytes} byte limit")
+    return body
+
+
+def _depth_ok(value: Any, limit: int) -> bool:
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit:
+            return False
+        if isinstance(node, dict):
+            stack.extend((v, depth + 1) for v in node.values() if isinstance(v, dict | list))
+        elif isinstance(node, list):
+            stack.extend((v, depth + 1) for v in node if isinstance(v, dict | list))
+    return True
+
+
+def parse_json_object(body: bytes, max_depth: int) -> dict[str, Any]:
+    if not body:
+        raise InvalidRequest("the request body is empty; send a JSON object")
+    try:
+        payload = json.loads(body)
+    except (ValueError, RecursionError):
+        raise InvalidRequest("the request body is not valid JSON") from None
+    if not isinstance(payload, dict):
+        raise InvalidRequest("the request body must be a JSON object")
+    if not _depth_ok(payload, max_depth):
+        raise InvalidRequest(f"the request body nests deeper than {max_depth} levels")
+    return payload
+
+
+def _opt_int(body: dict[str, Any], name: str, low: int, high: int) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise InvalidRequest(f"`{name}` must be an integer", param=name)
+    if not low <= value <= high:
+        raise InvalidRequest(f"`{name}` must be between {low} and {high}", param=name)
+    return value
+
+
+def require_model(body: dict[str, Any]) -> str:
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise InvalidRequest("`model` is required and must be a string", param="model")
+    return model
+
+
+def check_fields(body: dict[str, Any], kind: Kind, max_tokens_limit: int) -> int | None:
+    """Validate the fields the gateway reads; return the requested max tokens, if any."""
+    require_model(body)
+    if kind == "chat":
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise InvalidRequest("`messages` must be a non-empty list", param="messages")
+        for i, message in enumerate(messages):
+            if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+                raise InvalidRequest(
+                    f"`messages[{i}]` must be an object with a string `role`",
+                    param=f"messages[{i}]",
+                )
+            content = message.get("content")
+            if content is not None and not isinstance(content, str | list):
+                raise InvalidRequest(
+                    f"`messages[{i}].content` must be a string or a list of parts",
+                    param=f"messages[{i}].content",
+                )
+    else:
+        prompt = body.get("prompt")
+        if not isinstance(prompt, str | list):
+            raise InvalidRequest("`prompt` is required: a string or a list", param="prompt")
+    stream = body.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise InvalidRequest("`stream` must be a boolean", param="stream")
+    options = body.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise InvalidRequest("`stream_options` must be an object", param="stream_options")
+    for name in ("temperature", "top_p"):
+        value = body.get(name)
+        if value is not None and (not isinstance(value, int | float) or isinstance(value, bool)):
+            raise InvalidRequest(f"`{name}` must be a number", param=name)
+    _opt_int(body, "n", 1, 16)
+    tokens = _opt_int(body, "max_tokens", 1, max_tokens_limit)
+    completion = _opt_int(body, "max_completion_tokens", 1, max_tokens_limit)
+    return completion if completion is not None else tokens

@@ -1,0 +1,123 @@
+"""The edge: request ids, mapping every error to an OpenAI-shaped body, request metrics.
+
+Nothing past this middleware renders an error; nothing a client sees is a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from router.errors import (
+    GatewayError,
+    InvalidRequest,
+    MethodNotAllowed,
+    NotFound,
+    PayloadTooLarge,
+)
+from router.http.context import REQUEST_ID, access_of, new_request_id, state_of
+
+log = logging.getLogger("prefix_router.http")
+access_log = logging.getLogger("prefix_router.access")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+_MODEL_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/generate", "/chat"})
+
+
+def error_response(error: GatewayError, request_id: str) -> web.Response:
+    headers = error.headers()
+    headers["X-Request-Id"] = request_id
+    return web.Response(
+        body=error.body_bytes(),
+        status=error.status,
+        content_type="application/json",
+        headers=headers,
+    )
+
+
+def _from_http_exception(exc: web.HTTPException) -> GatewayError:
+    if isinstance(exc, web.HTTPNotFound):
+        return NotFound("no such endpoint", code="not_found")
+    if isinstance(exc, web.HTTPMethodNotAllowed):
+        allowed = ", ".join(sorted(exc.allowed_methods))
+        return MethodNotAllowed(
+            f"method {exc.method} not allowed here; use {allowed}", headers={"Allow": allowed}
+        )
+    if isinstance(exc, web.HTTPRequestEntityTooLarge):
+        return PayloadTooLarge("request body is too large")
+    error = InvalidRequest(exc.reason or "bad request")
+    error.status = exc.status
+    return error
+
+
+@web.middleware
+async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
+    request_id = new_request_id(request.headers.get("X-Request-Id"))
+    request[REQUEST_ID] = request_id
+    started = time.perf_counter()
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except GatewayError as exc:
+        status = exc.status
+        return error_response(exc, request_id)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        error = _from_http_exception(exc)
+        status = error.status
+        return error_response(error, request_id)
+    except TimeoutError:
+        status = 504
+        error = GatewayError("the request ran past its total deadline", code="timeout")
+        error.status = 504
+        return error_response(error, request_id)
+    except Exception:
+        log.exception("unhandled error, request %s", request_id)
+        return error_response(GatewayError("internal gateway error"), request_id)
+    finally:
+        if request.path in _MODEL_PATHS:
+            _record(request, status, started, request_id)
+
+
+def _record(request: web.Request, status: int, started: float, request_id: str) -> None:
+    state = state_of(request)
+    result = access_of(request)
+    elapsed = time.perf_counter() - started
+    model = result.decision.worker.pool if result and result.decision else "-"
+    policy = "-"
+    if result is not None and result.decision is not None:
+        pool = state.registry.pools.get(model)
+        policy = pool.policy.name if pool else "-"
+    if result is not None and result.status:
+        status = result.status
+    m = state.metrics
+    m.requests.labels(model, str(status), policy).inc()
+    m.request_duration.labels(model).observe(elapsed)
+    if result is not None:
+        if result.ttft_s is not None:
+            m.ttft.labels(model).observe(result.ttft_s)
+        if result.usage is not None:
+            m.prompt_tokens.labels(model).inc(result.usage.prompt_tokens)
+            m.cached_tokens.labels(model).inc(result.usage.cached_tokens)
+            m.completion_tokens.labels(model).inc(result.usage.completion_tokens)
+    if access_log.isEnabledFor(logging.INFO):
+        access_log.info(
+            "request",
+            extra={
+                "request_id": request_id,
+                "path": request.path,
+                "model": model,
+                "status": status,
+                "worker": result.worker.id if result and result.worker else None,
+                "reason": result.decision.reason if result and result.decision else None,
+                "attempts": result.attempts if result else 0,
+                "ttft_s": round(result.ttft_s, 6) if result and result.ttft_s else None,
+                "duration_s": round(elapsed, 6),
+            },
+        )

@@ -1,0 +1,184 @@
+"""Every Prometheus object the gateway exports, built per app on its own registry.
+
+Labels are bounded: model (pool name), status, policy, reason, worker id (a configured or
+registered worker, never request data). Per-worker gauges are read at scrape time from the
+Worker objects themselves, so the request path pays nothing for them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from router.upstream.worker import Health, Worker
+
+LATENCY_BUCKETS_S = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+)
+DECISION_BUCKETS_S = (
+    0.000005,
+    0.00001,
+    0.000025,
+    0.00005,
+    0.0001,
+    0.0002,
+    0.0005,
+    0.001,
+    0.0025,
+    0.01,
+)
+RATIO_BUCKETS = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 1.0)
+
+
+class _WorkerCollector(Collector):
+    """Reads per-worker state at scrape time."""
+
+    def __init__(self, workers: Callable[[], Iterable[Worker]]) -> None:
+        self._workers = workers
+
+    def collect(self) -> Iterator[Metric]:
+        in_flight = GaugeMetricFamily(
+            "prefix_router_worker_in_flight", "Requests in flight per worker", labels=["worker"]
+        )
+        healthy = GaugeMetricFamily(
+            "prefix_router_worker_healthy",
+            "1 if the worker is routable (healthy, not ejected, not draining)",
+            labels=["worker", "pool"],
+        )
+        backlog = GaugeMetricFamily(
+            "prefix_router_worker_prefill_backlog_tokens",
+            "Uncached prompt tokens dispatched to the worker awaiting their first byte",
+            labels=["worker"],
+        )
+        for w in self._workers():
+            in_flight.add_metric([w.id], w.in_flight)
+            healthy.add_metric([w.id, w.pool], 1.0 if w.routable else 0.0)
+            backlog.add_metric([w.id], w.prefill_backlog_tokens)
+        yield in_flight
+        yield healthy
+        yield backlog
+
+
+class GatewayMetrics:
+    def __init__(self, workers: Callable[[], Iterable[Worker]]) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "prefix_router_requests",
+            "Requests answered, by model, HTTP status and policy",
+            ["model", "status", "policy"],
+            registry=r,
+        )
+        self.request_duration = Histogram(
+            "prefix_router_request_duration_seconds",
+            "Time from request to the last byte",
+            ["model"],
+            buckets=LATENCY_BUCKETS_S,
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "prefix_router_time_to_first_token_seconds",
+            "Time from request to the first byte of the upstream answer",
+            ["model"],
+            buckets=LATENCY_BUCKETS_S,
+            registry=r,
+        )
+        self.prompt_tokens = Counter(
+            "prefix_router_prompt_tokens",
+            "Prompt tokens reported by workers",
+            ["model"],
+            registry=r,
+        )
+        self.cached_tokens = Counter(
+            "prefix_router_cached_prompt_tokens",
+            "Prompt tokens workers served from their prefix cache",
+            ["model"],
+            registry=r,
+        )
+        self.completion_tokens = Counter(
+            "prefix_router_completion_tokens",
+            "Completion tokens reported by workers",
+            ["model"],
+            registry=r,
+        )
+        self.decisions = Counter(
+            "prefix_router_routing_decisions",
+            "Routing decisions by policy and reason",
+            ["policy", "reason"],
+            registry=r,
+        )
+        self.decision_time = Histogram(
+            "prefix_router_routing_decision_seconds",
+            "Time to build the routing key, match the index and score workers",
+            ["policy"],
+            buckets=DECISION_BUCKETS_S,
+            registry=r,
+        )
+        self.matched_ratio = Histogram(
+            "prefix_router_matched_prefix_ratio",
+            "Share of the prompt the chosen worker was believed to hold",
+            ["policy"],
+            buckets=RATIO_BUCKETS,
+            registry=r,
+        )
+        self.retries = Counter(
+            "prefix_router_retries", "Upstream retries by cause", ["cause"], registry=r
+        )
+        self.upstream_failures = Counter(
+            "prefix_router_upstream_failures",
+            "Failed upstream attempts by cause",
+            ["cause"],
+            registry=r,
+        )
+        self.stream_errors = Counter(
+            "prefix_router_stream_errors",
+            "Streams that broke after the first byte and were ended with an error event",
+            ["model"],
+            registry=r,
+        )
+        self.ejections = Counter(
+            "prefix_router_worker_ejections",
+            "Outlier ejections by the cause of the last failure",
+            ["cause"],
+            registry=r,
+        )
+        self.health_transitions = Counter(
+            "prefix_router_worker_health_transitions",
+            "Worker health state changes",
+            ["to"],
+            registry=r,
+        )
+        self.redis_up = Gauge(
+            "prefix_router_redis_up", "1 if the shared state backend answers", registry=r
+        )
+        self.redis_up.set(0)
+        r.register(_WorkerCollector(workers))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+def health_label(health: Health) -> str:
+    return health.value

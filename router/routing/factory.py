@@ -1,0 +1,46 @@
+"""Build a pool's routing policy from its typed config: the one place policy names map to classes.
+
+Each pool gets its own policy instance (and so its own prefix index and session table), built
+once at start or config reload; `rng` is injected so tests and benchmarks are reproducible.
+"""
+
+from __future__ import annotations
+
+import random
+
+from router.config import (
+    ConsistentHashPolicy,
+    HybridPolicy,
+    IndexConfig,
+    LeastLoadPolicy,
+    PolicyConfig,
+    PrefixPolicy,
+    RoundRobinPolicy,
+)
+from router.routing.consistent_hash import ConsistentHash
+from router.routing.hybrid import HybridCost
+from router.routing.least_load import LeastLoad
+from router.routing.policy import Policy
+from router.routing.prefix import PrefixAffinity
+from router.routing.round_robin import RoundRobin
+
+
+def build_policy(
+    pool_name: str,
+    config: PolicyConfig,
+    index_config: IndexConfig,
+    rng: random.Random | None = None,
+) -> Policy:
+    """A fresh policy for pool `pool_name` (the name only appears in errors)."""
+    rng = rng or random.Random()
+    if isinstance(config, RoundRobinPolicy):
+        return RoundRobin()
+    if isinstance(config, LeastLoadPolicy):
+        return LeastLoad(rng)
+    if isinstance(config, ConsistentHashPolicy):
+        return ConsistentHash(config, index_config)
+    if isinstance(config, PrefixPolicy):
+        return PrefixAffinity(config, index_config, rng)
+    if isinstance(config, HybridPolicy):
+        return HybridCost(config, index_config, rng)
+    raise ValueError(f"pool {pool_name!r}: unknown policy {config!r}")

@@ -1,0 +1,63 @@
+"""The routing Protocol every policy implements, and the values that cross it.
+
+`pick` is synchronous and does no I/O: loads and cache knowledge have already been pushed into
+the state it reads. `observe` receives outcomes after the response ends.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from router.upstream.worker import Worker
+
+
+@dataclass(slots=True)
+class RoutingRequest:
+    """What a policy may know about a request."""
+
+    model: str
+    key: str
+    """The routing key: the text vLLM will tokenize, in order (see routing/key.py)."""
+    prompt_tokens: int
+    """Estimated prompt tokens."""
+    max_tokens: int
+    session_id: str | None = None
+
+
+@dataclass(slots=True)
+class Decision:
+    worker: Worker
+    reason: str
+    """Bounded vocabulary, used as a metric label: e.g. `round_robin`, `prefix_hit`, `sticky`."""
+    matched_tokens: int = 0
+    """Estimated prompt tokens the chosen worker already holds."""
+
+
+@dataclass(slots=True)
+class Outcome:
+    """How a routed request ended."""
+
+    request: RoutingRequest
+    decision: Decision
+    ok: bool
+    prompt_tokens: int | None = None
+    cached_tokens: int | None = None
+    ttft_s: float | None = None
+
+
+class Policy(Protocol):
+    name: str
+
+    def pick(self, request: RoutingRequest, candidates: Sequence[Worker]) -> Decision:
+        """Choose one of `candidates` (never empty, all routable). No I/O, no awaits."""
+        ...
+
+    def observe(self, outcome: Outcome) -> None:
+        """Learn from an ended request."""
+        ...
+
+    def forget_worker(self, worker: Worker) -> None:
+        """Drop everything known about a worker that left the pool."""
+        ...

@@ -1,0 +1,397 @@
+"""The relay: send one request to a worker chosen by the pool's policy and stream the answer.
+
+Retries happen only before the first byte reaches the client, only on retryable failures, and
+never to a worker this request already tried. The client response is prepared only once the
+upstream's first body chunk has arrived, so everything up to that point can still be retried.
+After that, a broken upstream ends the client's stream with one OpenAI error event and no
+`[DONE]`, and counts as that worker's failure. Every dispatch goes through `Worker.track`, so
+in-flight counts return to zero on every ending, cancellation included.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import aiohttp
+from aiohttp import web
+
+from router.config import RetryConfig, TimeoutsConfig
+from router.errors import GatewayError, NoCapacity, UpstreamFailed, UpstreamTimeout
+from router.metrics import GatewayMetrics
+from router.routing.policy import Decision, Outcome, RoutingRequest
+from router.upstream.outlier import OutlierDetector
+from router.upstream.registry import Pool
+from router.upstream.sse import DONE, EVENT_END, Usage, error_event, split_usage_event, usage_from
+from router.upstream.worker import Worker
+
+log = logging.getLogger("prefix_router.proxy")
+
+RETRYABLE_STATUSES = frozenset({502, 503, 504})
+_JSON = "application/json"
+
+
+@dataclass(slots=True)
+class UpstreamCall:
+    """Everything the relay needs about one client request."""
+
+    pool: Pool
+    routing: RoutingRequest
+    path: str
+    body: bytes
+    stream: bool
+    request_id: str
+    client_wants_usage: bool = True
+    debug_headers: bool = False
+
+
+@dataclass(slots=True)
+class CallResult:
+    """What the access log and metrics learn once a call ended."""
+
+    status: int = 0
+    worker: Worker | None = None
+    decision: Decision | None = None
+    attempts: int = 0
+    ttft_s: float | None = None
+    usage: Usage | None = None
+    stream_broken: bool = False
+
+
+class _Retryable(Exception):
+    def __init__(self, cause: str, error: GatewayError, retryable: bool = True) -> None:
+        super().__init__(cause)
+        self.cause = cause
+        self.error = error
+        self.retryable = retryable
+        self.worker: Worker | None = None
+
+
+class Proxy:
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        timeouts: TimeoutsConfig,
+        retries: RetryConfig,
+        outlier: OutlierDetector,
+        metrics: GatewayMetrics,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._session = session
+        self._timeouts = timeouts
+        self._retries = retries
+        self._outlier = outlier
+        self._metrics = metrics
+        self._rng = rng or random.Random()
+        self._active = 0
+        self._retrying = 0
+        self._client_timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=timeouts.connect_s, sock_read=timeouts.idle_s
+        )
+
+    def _retry_allowed(self) -> bool:
+        budget = max(self._retries.min_retries_in_flight, self._retries.budget_share * self._active)
+        return self._retrying < budget
+
+    async def forward(
+        self, request: web.Request, call: UpstreamCall, result: CallResult
+    ) -> web.StreamResponse:
+        started = time.perf_counter()
+        tried: set[Worker] = set()
+        last_error: GatewayError | None = None
+        self._active += 1
+        try:
+            async with asyncio.timeout(self._timeouts.total_s):
+                while result.attempts < self._retries.max_attempts:
+                    candidates = [w for w in call.pool.candidates() if w not in tried]
+                    if not candidates:
+                        break
+                    retrying = result.attempts > 0
+                    if retrying:
+                        if not self._retry_allowed():
+                            self._metrics.retries.labels("budget_exhausted").inc()
+                            break
+                        await asyncio.sleep(self._backoff_s(result.attempts))
+                        self._retrying += 1
+                    try:
+                        return await self._try_once(request, call, result, candidates, started)
+                    except _Retryable as exc:
+                        if not exc.retryable:
+                            raise exc.error from None
+                        last_error = exc.error
+                        if exc.worker is not None:
+                            tried.add(exc.worker)
+                        if result.attempts < self._retries.max_attempts:
+                            self._metrics.retries.labels(exc.cause).inc()
+                    finally:
+                        if retrying:
+                            self._retrying -= 1
+        finally:
+            self._active -= 1
+        if last_error is not None:
+            raise last_error
+        raise NoCapacity(
+            f"no healthy worker can serve model `{call.pool.name}` now", retry_after_s=1.0
+        )
+
+    def _backoff_s(self, attempt: int) -> float:
+        ceiling = min(
+            self._retries.backoff_max_s, self._retries.backoff_base_s * 2 ** (attempt - 1)
+        )
+        return self._rng.uniform(0, ceiling)
+
+    async def _try_once(
+        self,
+        request: web.Request,
+        call: UpstreamCall,
+        result: CallResult,
+        candidates: list[Worker],
+        started: float,
+    ) -> web.StreamResponse:
+        policy = call.pool.policy
+        t0 = time.perf_counter()
+        decision = policy.pick(call.routing, candidates)
+        self._record_decision(policy.name, decision, call.routing, t0)
+        worker = decision.worker
+        result.attempts += 1
+        result.worker, result.decision = worker, decision
+        try:
+            return await self._attempt(request, call, decision, result, started)
+        except _Retryable as exc:
+            exc.worker = worker
+            self._metrics.upstream_failures.labels(exc.cause).inc()
+            self._outlier.failure(worker, exc.cause)
+            policy.observe(Outcome(call.routing, decision, ok=False))
+            log.info("attempt on %s failed (%s), request %s", worker.id, exc.cause, call.request_id)
+            raise
+
+    def _record_decision(
+        self, policy: str, decision: Decision, routing: RoutingRequest, t0: float
+    ) -> None:
+        m = self._metrics
+        m.decision_time.labels(policy).observe(time.perf_counter() - t0)
+        m.decisions.labels(policy, decision.reason).inc()
+        if routing.prompt_tokens:
+            m.matched_ratio.labels(policy).observe(
+                min(1.0, decision.matched_tokens / routing.prompt_tokens)
+            )
+
+    async def _attempt(
+        self,
+        request: web.Request,
+        call: UpstreamCall,
+        decision: Decision,
+        result: CallResult,
+        started: float,
+    ) -> web.StreamResponse:
+        worker = decision.worker
+        uncached = max(0, call.routing.prompt_tokens - decision.matched_tokens)
+        headers = {"Content-Type": _JSON, "X-Request-Id": call.request_id}
+        with worker.track(uncached) as dispatch:
+            sent_at = time.perf_counter()
+            try:
+                async with asyncio.timeout(self._timeouts.first_byte_s):
+                    upstream = await self._session.post(
+                        worker.url + call.path,
+                        data=call.body,
+                        headers=headers,
+                        timeout=self._client_timeout,
+                    )
+            except TimeoutError:
+                raise _Retryable(
+                    "first_byte_timeout",
+                    UpstreamTimeout(f"worker {worker.id} did not answer in time"),
+                    retryable=self._retries.retry_on_first_byte_timeout,
+                ) from None
+            except aiohttp.ClientError as exc:
+                raise _Retryable(
+                    "connect", UpstreamFailed(f"worker {worker.id} unreachable: {exc}")
+                ) from None
+            async with upstream:
+                if upstream.status != 200:
+                    return await self._upstream_error(upstream, worker, result)
+                if call.stream:
+                    return await self._relay_stream(
+                        request,
+                        call,
+                        upstream,
+                        decision,
+                        dispatch.first_byte,
+                        result,
+                        started,
+                        sent_at,
+                    )
+                return await self._relay_body(call, upstream, decision, result, started)
+
+    async def _upstream_error(
+        self, upstream: aiohttp.ClientResponse, worker: Worker, result: CallResult
+    ) -> web.StreamResponse:
+        status = upstream.status
+        try:
+            payload = await upstream.json(content_type=None)
+            message = str(payload["error"]["message"])
+        except (ValueError, KeyError, TypeError, aiohttp.ClientError):
+            message = f"worker answered HTTP {status}"
+        if status >= 500 or (status == 429 and self._retries.retry_on_429):
+            cause = f"http_{status}" if status in RETRYABLE_STATUSES else f"http_{status // 100}xx"
+            raise _Retryable(cause, UpstreamFailed(f"worker {worker.id} failed: {message}"))
+        # A 4xx is the client's problem (context too long, bad field): pass it on, reshaped.
+        error = GatewayError(message, code=None)
+        error.status = status
+        error.error_type = "invalid_request_error"
+        result.status = status
+        raise error
+
+    async def _relay_body(
+        self,
+        call: UpstreamCall,
+        upstream: aiohttp.ClientResponse,
+        decision: Decision,
+        result: CallResult,
+        started: float,
+    ) -> web.StreamResponse:
+        try:
+            body = await upstream.read()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise _Retryable("read", UpstreamFailed(f"worker broke the response: {exc}")) from None
+        result.ttft_s = time.perf_counter() - started
+        result.status = 200
+        try:
+            result.usage = usage_from(json.loads(body))
+        except ValueError:
+            result.usage = None
+        self._finish(call, decision, result, ok=True)
+        response = web.Response(body=body, status=200, content_type=_JSON)
+        self._decorate(response, call, decision)
+        return response
+
+    async def _relay_stream(
+        self,
+        request: web.Request,
+        call: UpstreamCall,
+        upstream: aiohttp.ClientResponse,
+        decision: Decision,
+        on_first_byte: Callable[[], None],
+        result: CallResult,
+        started: float,
+        sent_at: float,
+    ) -> web.StreamResponse:
+        content = upstream.content
+        remaining_s = max(0.001, self._timeouts.first_byte_s - (time.perf_counter() - sent_at))
+        try:
+            async with asyncio.timeout(remaining_s):
+                first = await content.readany()
+        except TimeoutError:
+            raise _Retryable(
+                "first_byte_timeout",
+                UpstreamTimeout("worker sent no first token in time"),
+                retryable=self._retries.retry_on_first_byte_timeout,
+            ) from None
+        except aiohttp.ClientError as exc:
+            raise _Retryable("reset", UpstreamFailed(f"worker broke the stream: {exc}")) from None
+        if not first:
+            raise _Retryable("reset", UpstreamFailed("worker closed the stream without data"))
+        on_first_byte()
+        result.ttft_s = time.perf_counter() - started
+        response = web.StreamResponse(status=200)
+        response.content_type = "text/event-stream"
+        response.headers["Cache-Control"] = "no-cache"
+        self._decorate(response, call, decision)
+        await response.prepare(request)
+        result.status = 200
+
+        pending = b""
+        saw_done = False
+        drop_usage = not call.client_wants_usage
+        chunk = first
+        try:
+            while chunk:
+                data = pending + chunk if pending else chunk
+                if data.endswith(EVENT_END):
+                    pending = b""
+                else:
+                    cut = data.rfind(EVENT_END)
+                    if cut < 0:
+                        pending = data
+                        chunk = await content.readany()
+                        continue
+                    data, pending = data[: cut + 2], data[cut + 2 :]
+                if b'"usage"' in data:
+                    data, usage, done = split_usage_event(data, drop_usage)
+                    result.usage = usage or result.usage
+                    saw_done = saw_done or done
+                elif data.endswith(DONE):
+                    saw_done = True
+                if data:
+                    await response.write(data)
+                chunk = await content.readany()
+        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as exc:
+            if isinstance(exc, aiohttp.ClientConnectionResetError) and request.transport is None:
+                raise  # the client left; nothing to tell it
+            saw_done = False
+            cause = "idle_timeout" if isinstance(exc, TimeoutError) else "stream_broken"
+            await self._end_broken_stream(response, call, decision, result, cause)
+            return response
+        if not saw_done:
+            await self._end_broken_stream(response, call, decision, result, "no_done")
+            return response
+        self._finish(call, decision, result, ok=True)
+        await response.write_eof()
+        return response
+
+    async def _end_broken_stream(
+        self,
+        response: web.StreamResponse,
+        call: UpstreamCall,
+        decision: Decision,
+        result: CallResult,
+        cause: str,
+    ) -> None:
+        worker = decision.worker
+        result.stream_broken = True
+        self._outlier.failure(worker, cause)
+        self._metrics.upstream_failures.labels(cause).inc()
+        self._metrics.stream_errors.labels(call.pool.name).inc()
+        log.warning("stream from %s broke (%s), request %s", worker.id, cause, call.request_id)
+        self._finish(call, decision, result, ok=False)
+        try:
+            await response.write(
+                error_event(
+                    f"the worker serving this request failed mid-stream ({cause})",
+                    "upstream_error",
+                    "upstream_stream_broken",
+                )
+            )
+            await response.write_eof()
+        except (ConnectionError, aiohttp.ClientConnectionResetError):
+            pass
+
+    def _finish(
+        self, call: UpstreamCall, decision: Decision, result: CallResult, *, ok: bool
+    ) -> None:
+        if ok:
+            self._outlier.success(decision.worker)
+        usage = result.usage
+        call.pool.policy.observe(
+            Outcome(
+                call.routing,
+                decision,
+                ok=ok,
+                prompt_tokens=usage.prompt_tokens if usage else None,
+                cached_tokens=usage.cached_tokens if usage else None,
+                ttft_s=result.ttft_s,
+            )
+        )
+
+    @staticmethod
+    def _decorate(response: web.StreamResponse, call: UpstreamCall, decision: Decision) -> None:
+        response.headers["X-Request-Id"] = call.request_id
+        if call.debug_headers:
+            response.headers["X-Route-Worker"] = decision.worker.id
+            response.headers["X-Route-Reason"] = decision.reason
+            response.headers["X-Route-Matched-Tokens"] = str(decision.matched_tokens)

@@ -1,0 +1,74 @@
+"""Server-sent-event framing helpers for the relay: event boundaries and usage extraction.
+
+The relay forwards upstream bytes as they come, but only up to the last complete event, so an
+error event written after a broken stream never lands inside a half-written one.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+DONE = b"data: [DONE]\n\n"
+EVENT_END = b"\n\n"
+
+
+@dataclass(slots=True)
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+
+
+def usage_from(payload: Any) -> Usage | None:
+    """Read an OpenAI `usage` object (with vLLM's `prompt_tokens_details.cached_tokens`)."""
+    if not isinstance(payload, dict):
+        return None
+    usage = payload.get("usage")
+    if not isinstance(usage, dict):
+        return None
+    details = usage.get("prompt_tokens_details")
+    cached = details.get("cached_tokens") if isinstance(details, dict) else 0
+
+    def as_int(value: Any) -> int:
+        return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+    return Usage(
+        prompt_tokens=as_int(usage.get("prompt_tokens")),
+        completion_tokens=as_int(usage.get("completion_tokens")),
+        cached_tokens=as_int(cached),
+    )
+
+
+def split_usage_event(events: bytes, drop: bool) -> tuple[bytes, Usage | None, bool]:
+    """Find a usage-only event (`"choices": []` plus `usage`) among complete events.
+
+    Returns the events (without that usage event when `drop`: the client did not ask for it),
+    the usage, and whether `[DONE]` was seen.
+    Only called on chunks that mention "usage", so the common path never parses JSON.
+    """
+    kept: list[bytes] = []
+    usage: Usage | None = None
+    for event in events.split(EVENT_END):
+        if not event:
+            continue
+        if event.startswith(b"data: {") and b'"usage"' in event:
+            try:
+                payload = json.loads(event[6:])
+            except ValueError:
+                kept.append(event)
+                continue
+            found = usage_from(payload)
+            if found is not None:
+                usage = found
+                if drop and payload.get("choices") == []:
+                    continue
+        kept.append(event)
+    out = EVENT_END.join(kept) + EVENT_END if kept else b""
+    return out, usage, DONE in events
+
+
+def error_event(message: str, error_type: str, code: str) -> bytes:
+    body = {"error": {"message": message, "type": error_type, "param": None, "code": code}}
+    return b"data: " + json.dumps(body).encode() + EVENT_END

@@ -1,0 +1,96 @@
+"""One upstream worker as the gateway sees it: identity, health, and load.
+
+Load has two sources. `in_flight` is the gateway's own count, incremented at dispatch and
+decremented on every ending through `track()`, so it cannot leak. `reported` is what the worker
+says about itself (scraped `/metrics`, or its agent through Redis). Policies read both and never
+await: everything they need is already here.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+
+class Health(enum.Enum):
+    UNPROVEN = "unproven"
+    HEALTHY = "healthy"
+    UNHEALTHY = "unhealthy"
+
+
+@dataclass(slots=True)
+class ReportedLoad:
+    """The worker's own numbers (vLLM metrics); `None` until first reported."""
+
+    running: int = 0
+    waiting: int = 0
+    kv_usage: float = 0.0
+    block_size: int | None = None
+    num_gpu_blocks: int | None = None
+    updated_at: float = 0.0
+
+
+@dataclass(eq=False, slots=True)
+class Worker:
+    id: str
+    url: str
+    pool: str
+    kv_capacity_blocks: int | None = None
+    health: Health = Health.UNPROVEN
+    draining: bool = False
+    in_flight: int = 0
+    prefill_backlog_tokens: int = 0
+    """Uncached prompt tokens dispatched here that have not produced a first byte yet."""
+    dispatched_total: int = 0
+    consecutive_failures: int = 0
+    ejected_until: float = 0.0
+    ejections: int = 0
+    reported: ReportedLoad = field(default_factory=ReportedLoad)
+
+    @property
+    def routable(self) -> bool:
+        return (
+            self.health is Health.HEALTHY
+            and not self.draining
+            and self.ejected_until <= time.monotonic()
+        )
+
+    @property
+    def capacity_blocks(self) -> int | None:
+        """KV capacity in blocks: configured value first, else what the worker reported."""
+        return self.kv_capacity_blocks or self.reported.num_gpu_blocks
+
+    @contextmanager
+    def track(self, prefill_tokens: int = 0) -> Iterator[Dispatch]:
+        """Count one request in flight for exactly as long as the `with` block runs.
+
+        `prefill_tokens` (the request's estimated uncached prompt tokens) stays in the
+        worker's prefill backlog until `Dispatch.first_byte()` or the end, whichever is first.
+        """
+        dispatch = Dispatch(self, prefill_tokens)
+        self.in_flight += 1
+        self.dispatched_total += 1
+        self.prefill_backlog_tokens += prefill_tokens
+        try:
+            yield dispatch
+        finally:
+            self.in_flight -= 1
+            dispatch.first_byte()
+
+
+class Dispatch:
+    """One request on one worker; releases its prefill backlog exactly once."""
+
+    __slots__ = ("_pending", "worker")
+
+    def __init__(self, worker: Worker, prefill_tokens: int) -> None:
+        self.worker = worker
+        self._pending = prefill_tokens
+
+    def first_byte(self) -> None:
+        if self._pending:
+            self.worker.prefill_backlog_tokens -= self._pending
+            self._pending = 0

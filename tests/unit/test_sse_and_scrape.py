@@ -1,0 +1,56 @@
+"""SSE helpers of the relay and the vLLM metrics line parser."""
+
+from __future__ import annotations
+
+import json
+
+from router.upstream.load_scrape import parse_vllm_metrics
+from router.upstream.sse import split_usage_event
+
+USAGE = {
+    "id": "x",
+    "choices": [],
+    "usage": {
+        "prompt_tokens": 40,
+        "completion_tokens": 8,
+        "total_tokens": 48,
+        "prompt_tokens_details": {"cached_tokens": 32},
+    },
+}
+TOKEN = {"id": "x", "choices": [{"index": 0, "delta": {"content": " hi"}}]}
+
+
+def _events(*payloads: object) -> bytes:
+    return b"".join(b"data: " + json.dumps(p).encode() + b"\n\n" for p in payloads)
+
+
+def test_usage_event_dropped_when_client_did_not_ask() -> None:
+    data = _events(TOKEN, USAGE) + b"data: [DONE]\n\n"
+    out, usage, done = split_usage_event(data, drop=True)
+    assert usage is not None and usage.cached_tokens == 32 and usage.prompt_tokens == 40
+    assert done
+    assert b'"usage"' not in out and out.endswith(b"data: [DONE]\n\n")
+    assert out.startswith(b"data: ")
+
+
+def test_usage_event_kept_when_client_asked() -> None:
+    data = _events(USAGE)
+    out, usage, done = split_usage_event(data, drop=False)
+    assert out == data and usage is not None and not done
+
+
+def test_parse_vllm_metrics() -> None:
+    text = "\n".join(
+        [
+            "# HELP vllm:num_requests_running x",
+            'vllm:num_requests_running{engine="0",model_name="m"} 3.0',
+            'vllm:num_requests_running{engine="1",model_name="m"} 2.0',
+            'vllm:num_requests_waiting{engine="0",model_name="m"} 4.0',
+            'vllm:kv_cache_usage_perc{engine="0",model_name="m"} 0.25',
+            'vllm:cache_config_info{block_size="16",engine="0",num_gpu_blocks="2048"} 1.0',
+            'vllm:prefix_cache_hits_total{engine="0",model_name="m"} 99.0',
+        ]
+    )
+    load = parse_vllm_metrics(text)
+    assert (load.running, load.waiting, load.kv_usage) == (5, 4, 0.25)
+    assert (load.block_size, load.num_gpu_blocks) == (16, 2048)

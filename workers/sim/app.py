@@ -1,0 +1,266 @@
+"""HTTP face of the simulated vLLM worker: the aiohttp application and its handlers.
+
+``build_sim_app`` wires one worker from its config: word tokenizer, prefix cache, engine, metrics,
+all stored under typed app keys (no global state), with the engine's single task started and
+stopped through ``cleanup_ctx``. Handlers speak vLLM's OpenAI API (completions and chat, streamed
+or not), ``/health``, ``/v1/models`` and ``/metrics``, plus two simulator-only endpoints:
+``GET /sim/counters`` (exact counters for tests and benchmarks) and ``POST /sim/reset``. A handler
+that exits before its request finished (the client disconnected, which cancels the handler when
+the runner enables ``handler_cancellation``, or a write failed) aborts the request in the engine,
+as vLLM does. Fault injection will wrap ``SimState.engine`` or add a middleware; nothing here
+needs to change for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import AsyncIterator
+from contextlib import suppress
+from dataclasses import dataclass
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from workers.sim.cache import PrefixCache
+from workers.sim.config import SimConfig
+from workers.sim.engine import RequestState, RequestTooLargeError, SimEngine, SimRequest
+from workers.sim.metrics import SimMetrics
+from workers.sim.protocol import (
+    DONE_EVENT,
+    SSE_HEADERS,
+    WORD_BYTES,
+    WORD_IDS,
+    WORD_TEXT,
+    Kind,
+    ParsedRequest,
+    SimAPIError,
+    StreamEncoder,
+    bad_request,
+    full_response,
+    parse_request,
+)
+from workers.sim.tokenizer import WordTokenizer
+
+
+@dataclass(slots=True)
+class SimState:
+    """Everything one simulated worker owns."""
+
+    config: SimConfig
+    tokenizer: WordTokenizer
+    cache: PrefixCache
+    engine: SimEngine
+    metrics: SimMetrics
+    rng: random.Random  # draws the generated words; seeded, so runs are reproducible
+    created_s: int
+
+
+SIM_STATE = web.AppKey("sim_state", SimState)
+
+_WORD_RANGE = range(len(WORD_BYTES))
+
+
+def _engine_stopped() -> SimAPIError:
+    return SimAPIError(500, "The engine stopped before the request finished", "InternalServerError")
+
+
+async def _serve(request: web.Request, kind: Kind) -> web.StreamResponse:
+    state = request.app[SIM_STATE]
+    engine = state.engine
+    try:
+        parsed = parse_request(
+            await request.read(),
+            kind,
+            state.config,
+            state.tokenizer,
+            request.headers.get("X-Request-Id"),
+        )
+        words = state.rng.choices(_WORD_RANGE, k=parsed.max_tokens)
+        req = engine.submit(
+            parsed.request_id,
+            parsed.prompt_ids,
+            [WORD_IDS[i] for i in words],
+            parsed.cache_salt,
+            stream_tokens=parsed.stream,
+        )
+    except SimAPIError as exc:
+        return exc.response()
+    except RequestTooLargeError as exc:
+        return bad_request(str(exc)).response()
+    try:
+        if parsed.stream:
+            return await _stream(request, state, parsed, req, words)
+        await engine.wait_done(req)
+        if req.state is not RequestState.FINISHED:
+            return _engine_stopped().response()
+        body = full_response(
+            parsed,
+            int(time.time()),
+            state.config.model,
+            "".join([WORD_TEXT[i] for i in words]),
+            req.num_generated,
+            req.num_cached_tokens,
+        )
+        return web.json_response(body)
+    finally:
+        # Cancelled (client gone), write failed, or engine stopped: free the sequence now.
+        engine.abort(req)
+
+
+async def _stream(
+    request: web.Request,
+    state: SimState,
+    parsed: ParsedRequest,
+    req: SimRequest,
+    words: list[int],
+) -> web.StreamResponse:
+    response = web.StreamResponse(headers=SSE_HEADERS)
+    await response.prepare(request)
+    encoder = StreamEncoder(parsed.kind, parsed.request_id, int(time.time()), state.config.model)
+    engine = state.engine
+    write = response.write
+    token_chunk = encoder.token_chunk
+    last_index = req.max_tokens - 1
+    seen = 0
+    try:
+        while True:
+            await engine.wait_progress(req, seen)
+            produced = req.num_generated
+            parts: list[bytes] = []
+            if seen == 0 and produced and parsed.kind == "chat":
+                # vLLM sends the role chunk with the first output, i.e. after the prefill.
+                parts.append(encoder.role_chunk())
+            for index in range(seen, produced):
+                parts.append(token_chunk(WORD_BYTES[words[index]], index == last_index))
+            seen = produced
+            if req.state is RequestState.FINISHED:
+                if parsed.include_usage:
+                    parts.append(
+                        encoder.usage_chunk(req.num_prompt, produced, req.num_cached_tokens)
+                    )
+                parts.append(DONE_EVENT)
+            elif req.state is RequestState.ABORTED:
+                parts.append(encoder.error_chunk(_engine_stopped()))
+                parts.append(DONE_EVENT)
+            if parts:
+                await write(b"".join(parts))
+            if req.done:
+                break
+    except ConnectionResetError:
+        return response  # the client left; _serve's finally aborts the request
+    await response.write_eof()
+    return response
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    return await _serve(request, "chat")
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    return await _serve(request, "completion")
+
+
+async def health(request: web.Request) -> web.Response:
+    return web.Response(status=200)
+
+
+async def models(request: web.Request) -> web.Response:
+    state = request.app[SIM_STATE]
+    cfg = state.config
+    card = {
+        "id": cfg.model,
+        "object": "model",
+        "created": state.created_s,
+        "owned_by": "vllm",
+        "root": cfg.model,
+        "parent": None,
+        "max_model_len": cfg.max_model_len,
+        "permission": [
+            {
+                "id": "modelperm-" + random.Random(cfg.model).randbytes(8).hex(),
+                "object": "model_permission",
+                "created": state.created_s,
+                "allow_create_engine": False,
+                "allow_sampling": True,
+                "allow_logprobs": True,
+                "allow_search_indices": False,
+                "allow_view": True,
+                "allow_fine_tuning": False,
+                "organization": "*",
+                "group": None,
+                "is_blocking": False,
+            }
+        ],
+    }
+    return web.json_response({"object": "list", "data": [card]})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = generate_latest(request.app[SIM_STATE].metrics.registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def sim_counters(request: web.Request) -> web.Response:
+    state = request.app[SIM_STATE]
+    engine = state.engine
+    counters = engine.counters
+    return web.json_response(
+        {
+            "requests": counters.requests,
+            "prompt_tokens": counters.prompt_tokens,
+            "cached_tokens": counters.cached_tokens,
+            "generation_tokens": counters.generation_tokens,
+            "finished": counters.finished,
+            "aborted": counters.aborted,
+            "running": engine.num_running,
+            "waiting": engine.num_waiting,
+            "cached_blocks": state.cache.cached_blocks,
+            "free_blocks": state.cache.free_blocks,
+            "num_gpu_blocks": state.cache.num_blocks,
+            "kv_cache_usage": state.cache.usage,
+        }
+    )
+
+
+async def sim_reset(request: web.Request) -> web.Response:
+    request.app[SIM_STATE].engine.reset()
+    return web.json_response({"success": True})
+
+
+async def _run_engine(app: web.Application) -> AsyncIterator[None]:
+    task = asyncio.create_task(app[SIM_STATE].engine.run(), name="sim-engine")
+    yield
+    task.cancel()
+    with suppress(asyncio.CancelledError):
+        await task
+
+
+def build_sim_state(config: SimConfig) -> SimState:
+    cache = PrefixCache(config.num_gpu_blocks, config.block_size)
+    engine = SimEngine(config, cache)
+    return SimState(
+        config=config,
+        tokenizer=WordTokenizer(),
+        cache=cache,
+        engine=engine,
+        metrics=SimMetrics(config, engine),
+        rng=random.Random(config.seed),
+        created_s=int(time.time()),
+    )
+
+
+def build_sim_app(config: SimConfig) -> web.Application:
+    """Build a fresh simulated worker; serve it with ``handler_cancellation=True`` (see runner)."""
+    app = web.Application(client_max_size=64 * 1024 * 1024)  # long prompts are the point
+    app[SIM_STATE] = build_sim_state(config)
+    app.cleanup_ctx.append(_run_engine)
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_get("/health", health)
+    app.router.add_get("/v1/models", models)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/sim/counters", sim_counters)
+    app.router.add_post("/sim/reset", sim_reset)
+    return app

@@ -1,0 +1,57 @@
+"""Configuration of the simulated vLLM worker.
+
+One pydantic model holds every knob of the simulator: what it serves and where, the KV cache
+geometry and hashing that decide prefix hits, the scheduler limits of continuous batching, and
+the timing constants of the step model. The defaults model Llama-3-8B on one H100
+(``reference/vllm-interface.md`` §6): a forward pass costs about 6.5 ms, each uncached prompt
+token about 33 us, and each running sequence adds a little memory traffic per step. ``time_scale``
+multiplies every duration, so tests and overhead benchmarks can run the same model at 0 (as fast
+as the event loop allows) while the policy benchmark runs it at 1.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from router.vllm_wire.block_hash import DEFAULT_NONE_HASH_SEED, HashAlgo
+
+
+class SimConfig(BaseModel):
+    """Everything one simulated worker needs; immutable once built."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str = Field(min_length=1, description="served model name (vLLM --served-model-name)")
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535, description="0 picks an ephemeral port")
+
+    # KV cache and prefix caching.
+    block_size: int = Field(default=16, ge=1)
+    num_gpu_blocks: int = Field(default=2048, ge=1, description="KV capacity in blocks")
+    hash_algo: HashAlgo = "sha256"
+    hash_seed: str = DEFAULT_NONE_HASH_SEED
+    cache_output_blocks: bool = Field(
+        default=True, description="cache generated tokens' blocks once full, as vLLM does"
+    )
+
+    # Scheduler.
+    max_num_seqs: int = Field(default=256, ge=1)
+    max_num_batched_tokens: int = Field(default=8192, ge=1, description="token budget per step")
+    max_model_len: int = Field(default=32768, ge=2)
+    default_max_tokens: int = Field(default=16, ge=1)
+
+    # Step timing model: duration = step_overhead_s + prefill_tokens * prefill_s_per_token
+    #                               + running_decodes * decode_s_per_seq, all times time_scale.
+    step_overhead_s: float = Field(default=0.0065, ge=0.0)
+    prefill_s_per_token: float = Field(default=33e-6, ge=0.0)
+    decode_s_per_seq: float = Field(default=1e-4, ge=0.0)
+    time_scale: float = Field(default=1.0, ge=0.0)
+
+    seed: int = Field(default=0, description="seed of the generated words")
+
+    @model_validator(mode="after")
+    def _check_geometry(self) -> SimConfig:
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            # Every running sequence needs one token of budget per step to decode.
+            raise ValueError("max_num_batched_tokens must be >= max_num_seqs")
+        return self

@@ -1,0 +1,347 @@
+"""Continuous-batching engine of the simulated worker: one asyncio task, one step at a time.
+
+Each step mirrors vLLM's scheduler closely enough for routing to feel real: running sequences
+that finished their prefill decode one token each; sequences still prefilling get the rest of the
+step's token budget (``max_num_batched_tokens``, so long prompts are prefilled in chunks over
+several steps); then waiting requests are admitted in arrival order while fewer than
+``max_num_seqs`` run and the KV cache can hold them, their cached prefix skipping prefill. The
+step then "runs" for ``step_overhead_s + prefill_tokens * prefill_s_per_token + decodes *
+decode_s_per_seq`` (times ``time_scale``), after which its results land: blocks become cached,
+tokens appear, finished sequences release their blocks. Consumers wait on a per-request future,
+so a token costs an integer increment and, at most, one wake-up. An idle engine waits on an
+event. Aborting a request (the client went away) frees its blocks at once; full blocks stay
+cached, so the prefill already done still helps later requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, fields
+
+from router.vllm_wire.block_hash import block_extra_keys, block_hashes, hash_block_tokens, none_hash
+from workers.sim.cache import PrefixCache, SeqBlocks
+from workers.sim.config import SimConfig
+
+
+class RequestState(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+    ABORTED = "aborted"
+
+
+class RequestTooLargeError(ValueError):
+    """The request can never fit in the KV cache, however empty (a 400 for the client)."""
+
+
+@dataclass(slots=True)
+class SimCounters:
+    """Exact counters since start or the last reset; the Prometheus view is derived from these."""
+
+    requests: int = 0
+    prompt_tokens: int = 0  # prompt tokens of admitted requests (vLLM prefix_cache_queries too)
+    cached_tokens: int = 0  # prefix-cache hits, in tokens
+    generation_tokens: int = 0
+    finished: int = 0
+    aborted: int = 0
+    preempted: int = 0  # never non-zero today: blocks are reserved at admission
+    finished_by_reason: dict[str, int] = field(default_factory=dict)
+
+    def reset(self) -> None:
+        for f in fields(self):
+            if f.name == "finished_by_reason":
+                self.finished_by_reason.clear()
+            else:
+                setattr(self, f.name, 0)
+
+
+class SimRequest:
+    """One request's life in the engine; its consumer reads ``num_generated`` and ``state``."""
+
+    __slots__ = (
+        "all_tokens",
+        "arrival_s",
+        "blocks",
+        "cache_salt",
+        "finish_reason",
+        "finish_s",
+        "first_token_s",
+        "hashes",
+        "max_tokens",
+        "num_cached_tokens",
+        "num_computed",
+        "num_generated",
+        "num_prompt",
+        "request_id",
+        "state",
+        "stream_tokens",
+        "waiter",
+    )
+
+    def __init__(
+        self,
+        request_id: str,
+        prompt_ids: Sequence[int],
+        output_ids: Sequence[int],
+        hashes: list[bytes],
+        cache_salt: str | None,
+        arrival_s: float,
+        stream_tokens: bool,
+    ) -> None:
+        self.request_id = request_id
+        self.stream_tokens = stream_tokens  # wake the consumer per token, or only when done
+        self.all_tokens: list[int] = [*prompt_ids, *output_ids]
+        self.num_prompt = len(prompt_ids)
+        self.max_tokens = len(output_ids)
+        self.hashes = hashes
+        self.cache_salt = cache_salt
+        self.arrival_s = arrival_s
+        self.first_token_s: float | None = None
+        self.finish_s: float | None = None
+        self.finish_reason: str | None = None
+        self.num_computed = 0  # prompt tokens whose KV exists
+        self.num_cached_tokens = 0
+        self.num_generated = 0
+        self.blocks: SeqBlocks | None = None
+        self.state = RequestState.WAITING
+        self.waiter: asyncio.Future[None] | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.state is RequestState.FINISHED or self.state is RequestState.ABORTED
+
+
+FinishCallback = Callable[[SimRequest], None]
+
+
+class SimEngine:
+    """The scheduler and step clock; ``run()`` is the single task that drives it."""
+
+    def __init__(self, config: SimConfig, cache: PrefixCache) -> None:
+        self.config = config
+        self.cache = cache
+        self.counters = SimCounters()
+        self._waiting: deque[SimRequest] = deque()
+        self._running: dict[SimRequest, None] = {}  # insertion-ordered set, O(1) removal
+        self._wakeup = asyncio.Event()
+        self._finish_callbacks: list[FinishCallback] = []
+        self._block_size = config.block_size
+        self._none_hash = none_hash(config.hash_algo, config.hash_seed)
+
+    # -- introspection -------------------------------------------------------------------
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    def add_finish_callback(self, callback: FinishCallback) -> None:
+        """Called once per request when it finishes or is aborted (metrics, later KV events)."""
+        self._finish_callbacks.append(callback)
+
+    # -- consumer side --------------------------------------------------------------------
+
+    def submit(
+        self,
+        request_id: str,
+        prompt_ids: Sequence[int],
+        output_ids: Sequence[int],
+        cache_salt: str | None = None,
+        stream_tokens: bool = True,
+    ) -> SimRequest:
+        """Queue a request that will generate exactly ``output_ids``."""
+        cfg = self.config
+        if not prompt_ids or not output_ids:
+            raise RequestTooLargeError("prompt and output must each hold at least one token")
+        total = len(prompt_ids) + len(output_ids)
+        if self.cache.blocks_needed(total) > self.cache.num_blocks:
+            raise RequestTooLargeError(
+                f"request needs {total} tokens of KV cache but this worker holds "
+                f"{self.cache.num_blocks * self._block_size}"
+            )
+        hashes = block_hashes(
+            prompt_ids, self._block_size, cfg.hash_algo, cfg.hash_seed, cache_salt
+        )
+        now = asyncio.get_running_loop().time()
+        req = SimRequest(request_id, prompt_ids, output_ids, hashes, cache_salt, now, stream_tokens)
+        self._waiting.append(req)
+        self.counters.requests += 1
+        self._wakeup.set()
+        return req
+
+    async def wait_progress(self, req: SimRequest, seen: int) -> None:
+        """Return once ``req`` has more than ``seen`` tokens or is done."""
+        if req.num_generated > seen or req.done:
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        req.waiter = waiter
+        await waiter
+
+    async def wait_done(self, req: SimRequest) -> None:
+        """Return once ``req`` finished or was aborted."""
+        while not req.done:
+            await self.wait_progress(req, req.num_generated)
+
+    def abort(self, req: SimRequest) -> None:
+        """Drop a request whose consumer went away; its computed full blocks stay cached."""
+        if req.done:
+            return
+        if req.state is RequestState.WAITING:
+            self._waiting.remove(req)
+        else:
+            del self._running[req]
+            if req.blocks is not None:
+                self.cache.free(req.blocks)
+        self.counters.aborted += 1
+        self._finish(req, RequestState.ABORTED, "abort", asyncio.get_running_loop().time())
+
+    def abort_all(self) -> None:
+        for req in [*self._waiting, *self._running]:
+            self.abort(req)
+
+    def reset(self) -> None:
+        """Zero the counters and forget the prefix cache (running requests keep their blocks)."""
+        self.counters.reset()
+        self.cache.reset()
+
+    # -- the step loop ----------------------------------------------------------------------
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        cfg = self.config
+        try:
+            while True:
+                if not self._waiting and not self._running:
+                    self._wakeup.clear()
+                    await self._wakeup.wait()
+                    continue
+                prefill, decode = self._schedule()
+                if not prefill and not decode:
+                    # Nothing fits and nothing runs: only an abort or arrival can change that.
+                    self._wakeup.clear()
+                    await self._wakeup.wait()
+                    continue
+                n_prefill = sum(n for _, n in prefill)
+                duration_s = (
+                    cfg.step_overhead_s
+                    + n_prefill * cfg.prefill_s_per_token
+                    + len(decode) * cfg.decode_s_per_seq
+                ) * cfg.time_scale
+                await asyncio.sleep(duration_s)  # sleep(0) still yields to the loop
+                self._apply(prefill, decode, loop.time())
+                self.cache.end_step()
+        finally:
+            self.abort_all()
+
+    def _schedule(self) -> tuple[list[tuple[SimRequest, int]], list[SimRequest]]:
+        cfg = self.config
+        budget = cfg.max_num_batched_tokens
+        decode: list[SimRequest] = []
+        prefill: list[tuple[SimRequest, int]] = []
+        for req in self._running:
+            if req.num_computed == req.num_prompt:
+                decode.append(req)
+        budget -= len(decode)  # config guarantees budget >= max_num_seqs
+        for req in self._running:
+            remaining = req.num_prompt - req.num_computed
+            if remaining and budget > 0:
+                n = min(remaining, budget)
+                prefill.append((req, n))
+                budget -= n
+        waiting = self._waiting
+        counters = self.counters
+        while waiting and budget > 0 and len(self._running) < cfg.max_num_seqs:
+            req = waiting[0]
+            total = req.num_prompt + req.max_tokens
+            blocks = self.cache.allocate(req.hashes, req.num_prompt, total)
+            if blocks is None:
+                break  # FCFS: the head waits for room rather than being overtaken
+            waiting.popleft()
+            req.blocks = blocks
+            req.state = RequestState.RUNNING
+            self._running[req] = None
+            cached = blocks.num_hit_blocks * self._block_size
+            req.num_computed = req.num_cached_tokens = cached
+            counters.prompt_tokens += req.num_prompt
+            counters.cached_tokens += cached
+            n = min(req.num_prompt - cached, budget)
+            prefill.append((req, n))
+            budget -= n
+        return prefill, decode
+
+    def _apply(
+        self, prefill: list[tuple[SimRequest, int]], decode: list[SimRequest], now: float
+    ) -> None:
+        cache = self.cache
+        running = RequestState.RUNNING
+        progressed: list[SimRequest] = []
+        for req, n in prefill:
+            if req.state is not running or req.blocks is None:
+                continue  # aborted while the step ran
+            req.num_computed += n
+            cache.commit(req.blocks, req.hashes, req.all_tokens, req.num_computed, req.cache_salt)
+            if req.num_computed == req.num_prompt:
+                req.num_generated = 1  # the step that ends the prefill samples the first token
+                req.first_token_s = now
+                progressed.append(req)
+        cache_output = self.config.cache_output_blocks
+        block_size = self._block_size
+        for req in decode:
+            if req.state is not running:
+                continue
+            req.num_generated += 1
+            progressed.append(req)
+            # The newest token's KV is computed only by the next step, hence the - 1.
+            computed = req.num_prompt + req.num_generated - 1
+            if cache_output and computed // block_size > len(req.hashes) and req.blocks:
+                self._hash_next_block(req)
+                cache.commit(req.blocks, req.hashes, req.all_tokens, computed, req.cache_salt)
+        self.counters.generation_tokens += len(progressed)
+        for req in progressed:
+            if req.num_generated >= req.max_tokens:
+                del self._running[req]
+                if req.blocks is not None:
+                    cache.free(req.blocks)
+                self._finish(req, RequestState.FINISHED, "length", now)
+            elif req.stream_tokens:
+                waiter = req.waiter
+                if waiter is not None:
+                    req.waiter = None
+                    if not waiter.done():
+                        waiter.set_result(None)
+
+    def _hash_next_block(self, req: SimRequest) -> None:
+        index = len(req.hashes)
+        start = index * self._block_size
+        parent = req.hashes[-1] if req.hashes else self._none_hash
+        req.hashes.append(
+            hash_block_tokens(
+                parent,
+                tuple(req.all_tokens[start : start + self._block_size]),
+                block_extra_keys(index, req.cache_salt),
+                self.config.hash_algo,
+            )
+        )
+
+    def _finish(self, req: SimRequest, state: RequestState, reason: str, now: float) -> None:
+        req.state = state
+        req.finish_reason = reason
+        req.finish_s = now
+        counters = self.counters
+        if state is RequestState.FINISHED:
+            counters.finished += 1
+        by_reason = counters.finished_by_reason
+        by_reason[reason] = by_reason.get(reason, 0) + 1
+        for callback in self._finish_callbacks:
+            callback(req)
+        waiter = req.waiter
+        if waiter is not None:
+            req.waiter = None
+            if not waiter.done():
+                waiter.set_result(None)

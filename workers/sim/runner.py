@@ -1,0 +1,85 @@
+"""Starting and serving a simulated worker: in-process for tests and benchmarks, or forever.
+
+``start_sim_worker`` binds the app on the configured host and port (0 picks a free port) and
+returns a handle with the base URL, which is what a gateway's worker list takes (no ``/v1``).
+The runner enables ``handler_cancellation`` so that a client hanging up cancels its handler and
+aborts the request in the engine, as vLLM does; aiohttp already sets TCP_NODELAY on every
+accepted connection, so streamed chunks are not held back by Nagle's algorithm. ``run_sim`` is the
+CLI's entry: the same app on uvloop until interrupted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from workers.sim.app import build_sim_app
+from workers.sim.config import SimConfig
+
+
+@dataclass(slots=True)
+class SimHandle:
+    """A running simulated worker."""
+
+    url: str  # base URL, e.g. http://127.0.0.1:41234
+    app: web.Application
+    runner: web.AppRunner
+    config: SimConfig
+
+    @property
+    def port(self) -> int:
+        return int(self.url.rsplit(":", 1)[1])
+
+    async def stop(self) -> None:
+        await self.runner.cleanup()
+
+
+def _bound_port(runner: web.AppRunner) -> int:
+    for address in runner.addresses:
+        if isinstance(address, tuple) and len(address) >= 2:
+            return int(address[1])
+    raise RuntimeError("simulated worker is not bound to a TCP port")
+
+
+async def start_sim_worker(config: SimConfig) -> SimHandle:
+    """Start a simulated worker on the running loop and return once it accepts connections."""
+    app = build_sim_app(config)
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, config.host, config.port, backlog=1024)
+        await site.start()
+        port = _bound_port(runner)
+    except BaseException:
+        await runner.cleanup()
+        raise
+    host = f"[{config.host}]" if ":" in config.host else config.host
+    return SimHandle(url=f"http://{host}:{port}", app=app, runner=runner, config=config)
+
+
+async def serve_sim_forever(config: SimConfig) -> None:
+    handle = await start_sim_worker(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    print(f"simulated vLLM worker for {config.model!r} serving on {handle.url}", flush=True)
+    try:
+        await stop.wait()
+    finally:
+        await handle.stop()
+
+
+def run_sim(config: SimConfig) -> None:
+    """Serve a simulated worker until SIGINT/SIGTERM, on uvloop when it is installed."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency, but keep the CLI usable
+        asyncio.run(serve_sim_forever(config))
+        return
+    uvloop.run(serve_sim_forever(config))
