@@ -23,6 +23,7 @@ from router.http.context import STATE, GatewayState
 from router.http.middleware import edge
 from router.metrics import GatewayMetrics
 from router.upstream.health import HealthChecker
+from router.upstream.http1 import UpstreamClient
 from router.upstream.load_scrape import LoadScraper
 from router.upstream.outlier import OutlierDetector
 from router.upstream.proxy import Proxy
@@ -50,7 +51,8 @@ def build_app(config: GatewayConfig, rng: random.Random | None = None) -> web.Ap
 
 
 async def _upstream_client(app: web.Application) -> AsyncIterator[None]:
-    """One client session for every upstream call, built once (never per request)."""
+    """Upstream clients, built once (never per request): the lean one for the relay, aiohttp's
+    for health checks and metric scrapes."""
     state = app[STATE]
     connector = aiohttp.TCPConnector(
         limit=0,
@@ -67,10 +69,10 @@ async def _upstream_client(app: web.Application) -> AsyncIterator[None]:
     )
     state.session = session
     outlier = OutlierDetector(state.registry, state.config.outlier, state.metrics)
-    state.proxy = Proxy(
-        session, state.config.timeouts, state.config.retries, outlier, state.metrics
-    )
+    client = UpstreamClient()
+    state.proxy = Proxy(client, state.config.timeouts, state.config.retries, outlier, state.metrics)
     yield
+    client.close()
     await session.close()
 
 

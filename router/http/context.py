@@ -5,6 +5,7 @@ Everything the gateway builds lives in one `GatewayState` under one app key (no 
 
 from __future__ import annotations
 
+import itertools
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -45,10 +46,16 @@ def request_id_of(request: web.Request) -> str:
     return str(request.get(REQUEST_ID, ""))
 
 
+_ID_PREFIX = uuid.uuid4().hex[:16]
+_id_counter = itertools.count(1)
+
+
 def new_request_id(incoming: str | None) -> str:
+    """The client's X-Request-Id when sane, else a new one: a per-process random prefix plus
+    a counter (unique like a uuid4, without its cost on every request)."""
     if incoming and len(incoming) <= 128 and incoming.isprintable():
         return incoming
-    return uuid.uuid4().hex
+    return f"{_ID_PREFIX}{next(_id_counter):016x}"
 
 
 def access_of(request: web.Request) -> CallResult | None:

@@ -70,13 +70,20 @@ async def forward_openai(
         body["model"] = pool.name
         changed = True
     client_wants_usage = True
+    splice_usage = False
     if stream:
-        options = body.get("stream_options") or {}
-        client_wants_usage = options.get("include_usage") is True
+        options = body.get("stream_options")
+        client_wants_usage = isinstance(options, dict) and options.get("include_usage") is True
         if not client_wants_usage:
-            body["stream_options"] = {**options, "include_usage": True}
-            changed = True
-    payload = json.dumps(body).encode() if changed or raw is None else raw
+            body["stream_options"] = {**(options or {}), "include_usage": True}
+            splice_usage = options is None
+            changed = changed or not splice_usage
+    if changed or raw is None:
+        payload = json.dumps(body).encode()
+    elif splice_usage:
+        payload = _with_usage_option(raw)
+    else:
+        payload = raw
 
     key = routing_key(body, kind)
     routing = RoutingRequest(
@@ -99,6 +106,16 @@ async def forward_openai(
     result = CallResult()
     request[ACCESS] = result
     return await state.proxy.forward(request, call, result)
+
+
+def _with_usage_option(raw: bytes) -> bytes:
+    """Ask upstream for the usage chunk by splicing the option in front of the body's own
+    fields: the body had no `stream_options`, so the result is the same JSON object plus one
+    key, without re-serializing it on the hot path."""
+    start = raw.index(b"{") + 1
+    rest = raw[start:].lstrip()
+    separator = b"" if rest.startswith(b"}") else b","
+    return raw[:start] + b'"stream_options":{"include_usage":true}' + separator + raw[start:]
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:

@@ -18,13 +18,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import aiohttp
 from aiohttp import web
 
 from router.config import RetryConfig, TimeoutsConfig
 from router.errors import GatewayError, NoCapacity, UpstreamFailed, UpstreamTimeout
 from router.metrics import GatewayMetrics
 from router.routing.policy import Decision, Outcome, RoutingRequest
+from router.upstream.http1 import Connection, Head, UpstreamClient, format_request
 from router.upstream.outlier import OutlierDetector
 from router.upstream.registry import Pool
 from router.upstream.sse import DONE, EVENT_END, Usage, error_event, split_usage_event, usage_from
@@ -72,17 +72,24 @@ class _Retryable(Exception):
         self.worker: Worker | None = None
 
 
+async def _read_all(conn: Connection, deadline: float) -> bytes:
+    parts = []
+    while chunk := await conn.read(deadline):
+        parts.append(chunk)
+    return b"".join(parts)
+
+
 class Proxy:
     def __init__(
         self,
-        session: aiohttp.ClientSession,
+        client: UpstreamClient,
         timeouts: TimeoutsConfig,
         retries: RetryConfig,
         outlier: OutlierDetector,
         metrics: GatewayMetrics,
         rng: random.Random | None = None,
     ) -> None:
-        self._session = session
+        self._client = client
         self._timeouts = timeouts
         self._retries = retries
         self._outlier = outlier
@@ -90,9 +97,6 @@ class Proxy:
         self._rng = rng or random.Random()
         self._active = 0
         self._retrying = 0
-        self._client_timeout = aiohttp.ClientTimeout(
-            total=None, sock_connect=timeouts.connect_s, sock_read=timeouts.idle_s
-        )
 
     def _retry_allowed(self) -> bool:
         budget = max(self._retries.min_retries_in_flight, self._retries.budget_share * self._active)
@@ -191,51 +195,77 @@ class Proxy:
     ) -> web.StreamResponse:
         worker = decision.worker
         uncached = max(0, call.routing.prompt_tokens - decision.matched_tokens)
-        headers = {"Content-Type": _JSON, "X-Request-Id": call.request_id}
         with worker.track(uncached) as dispatch:
-            sent_at = time.perf_counter()
+            conn = await self._send(worker, call)
             try:
-                async with asyncio.timeout(self._timeouts.first_byte_s):
-                    upstream = await self._session.post(
-                        worker.url + call.path,
-                        data=call.body,
-                        headers=headers,
-                        timeout=self._client_timeout,
-                    )
-            except TimeoutError:
-                raise _Retryable(
-                    "first_byte_timeout",
-                    UpstreamTimeout(f"worker {worker.id} did not answer in time"),
-                    retryable=self._retries.retry_on_first_byte_timeout,
-                ) from None
-            except aiohttp.ClientError as exc:
-                raise _Retryable(
-                    "connect", UpstreamFailed(f"worker {worker.id} unreachable: {exc}")
-                ) from None
-            async with upstream:
-                if upstream.status != 200:
-                    return await self._upstream_error(upstream, worker, result)
+                first_byte_deadline = self._loop_time() + self._timeouts.first_byte_s
+                try:
+                    head = await conn.read_head(first_byte_deadline)
+                except TimeoutError:
+                    raise _Retryable(
+                        "first_byte_timeout",
+                        UpstreamTimeout(f"worker {worker.id} did not answer in time"),
+                        retryable=self._retries.retry_on_first_byte_timeout,
+                    ) from None
+                except ConnectionError as exc:
+                    raise _Retryable(
+                        "reset", UpstreamFailed(f"worker {worker.id} failed: {exc}")
+                    ) from None
+                if head.status != 200:
+                    return await self._upstream_error(conn, head, worker, result)
                 if call.stream:
                     return await self._relay_stream(
                         request,
                         call,
-                        upstream,
+                        conn,
                         decision,
                         dispatch.first_byte,
                         result,
                         started,
-                        sent_at,
+                        first_byte_deadline,
                     )
-                return await self._relay_body(call, upstream, decision, result, started)
+                return await self._relay_body(call, conn, decision, result, started)
+            finally:
+                self._client.release(worker.url, conn)
+
+    @staticmethod
+    def _loop_time() -> float:
+        return asyncio.get_running_loop().time()
+
+    async def _send(self, worker: Worker, call: UpstreamCall) -> Connection:
+        """Connect (or reuse) and send; a reused connection the worker already closed is
+        replaced once, since the worker never saw the request."""
+        request_bytes = format_request(
+            call.path,
+            worker.url.split("://", 1)[1],
+            call.body,
+            {"Content-Type": _JSON, "X-Request-Id": call.request_id},
+        )
+        for _ in range(2):
+            try:
+                conn = await self._client.connect(worker.url, self._timeouts.connect_s)
+            except TimeoutError:
+                raise _Retryable(
+                    "connect_timeout", UpstreamFailed(f"worker {worker.id} did not accept in time")
+                ) from None
+            except OSError as exc:
+                raise _Retryable(
+                    "connect", UpstreamFailed(f"worker {worker.id} unreachable: {exc}")
+                ) from None
+            if conn.used == 0 or (conn.transport is not None and not conn.transport.is_closing()):
+                conn.send(request_bytes)
+                return conn
+            conn.close()
+        raise _Retryable("connect", UpstreamFailed(f"worker {worker.id} closed its connections"))
 
     async def _upstream_error(
-        self, upstream: aiohttp.ClientResponse, worker: Worker, result: CallResult
+        self, conn: Connection, head: Head, worker: Worker, result: CallResult
     ) -> web.StreamResponse:
-        status = upstream.status
+        status = head.status
         try:
-            payload = await upstream.json(content_type=None)
-            message = str(payload["error"]["message"])
-        except (ValueError, KeyError, TypeError, aiohttp.ClientError):
+            raw = await _read_all(conn, self._loop_time() + self._timeouts.idle_s)
+            message = str(json.loads(raw)["error"]["message"])
+        except (ValueError, KeyError, TypeError, ConnectionError, TimeoutError):
             message = f"worker answered HTTP {status}"
         if status >= 500 or (status == 429 and self._retries.retry_on_429):
             cause = f"http_{status}" if status in RETRYABLE_STATUSES else f"http_{status // 100}xx"
@@ -244,20 +274,23 @@ class Proxy:
         error = GatewayError(message, code=None)
         error.status = status
         error.error_type = "invalid_request_error"
+        if status == 429:
+            error.error_type = "rate_limit_error"
+            error.retry_after_s = 1.0
         result.status = status
         raise error
 
     async def _relay_body(
         self,
         call: UpstreamCall,
-        upstream: aiohttp.ClientResponse,
+        conn: Connection,
         decision: Decision,
         result: CallResult,
         started: float,
     ) -> web.StreamResponse:
         try:
-            body = await upstream.read()
-        except (aiohttp.ClientError, TimeoutError) as exc:
+            body = await _read_all(conn, self._loop_time() + self._timeouts.first_byte_s)
+        except (ConnectionError, TimeoutError) as exc:
             raise _Retryable("read", UpstreamFailed(f"worker broke the response: {exc}")) from None
         result.ttft_s = time.perf_counter() - started
         result.status = 200
@@ -274,25 +307,22 @@ class Proxy:
         self,
         request: web.Request,
         call: UpstreamCall,
-        upstream: aiohttp.ClientResponse,
+        conn: Connection,
         decision: Decision,
         on_first_byte: Callable[[], None],
         result: CallResult,
         started: float,
-        sent_at: float,
+        first_byte_deadline: float,
     ) -> web.StreamResponse:
-        content = upstream.content
-        remaining_s = max(0.001, self._timeouts.first_byte_s - (time.perf_counter() - sent_at))
         try:
-            async with asyncio.timeout(remaining_s):
-                first = await content.readany()
+            first = await conn.read(first_byte_deadline)
         except TimeoutError:
             raise _Retryable(
                 "first_byte_timeout",
                 UpstreamTimeout("worker sent no first token in time"),
                 retryable=self._retries.retry_on_first_byte_timeout,
             ) from None
-        except aiohttp.ClientError as exc:
+        except ConnectionError as exc:
             raise _Retryable("reset", UpstreamFailed(f"worker broke the stream: {exc}")) from None
         if not first:
             raise _Retryable("reset", UpstreamFailed("worker closed the stream without data"))
@@ -305,6 +335,7 @@ class Proxy:
         await response.prepare(request)
         result.status = 200
 
+        idle_s = self._timeouts.idle_s
         pending = b""
         saw_done = False
         drop_usage = not call.client_wants_usage
@@ -318,7 +349,7 @@ class Proxy:
                     cut = data.rfind(EVENT_END)
                     if cut < 0:
                         pending = data
-                        chunk = await content.readany()
+                        chunk = await conn.read(self._loop_time() + idle_s)
                         continue
                     data, pending = data[: cut + 2], data[cut + 2 :]
                 if b'"usage"' in data:
@@ -329,11 +360,10 @@ class Proxy:
                     saw_done = True
                 if data:
                     await response.write(data)
-                chunk = await content.readany()
-        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as exc:
-            if isinstance(exc, aiohttp.ClientConnectionResetError) and request.transport is None:
+                chunk = await conn.read(self._loop_time() + idle_s)
+        except (ConnectionError, TimeoutError) as exc:
+            if request.transport is None or request.transport.is_closing():
                 raise  # the client left; nothing to tell it
-            saw_done = False
             cause = "idle_timeout" if isinstance(exc, TimeoutError) else "stream_broken"
             await self._end_broken_stream(response, call, decision, result, cause)
             return response
@@ -368,7 +398,7 @@ class Proxy:
                 )
             )
             await response.write_eof()
-        except (ConnectionError, aiohttp.ClientConnectionResetError):
+        except ConnectionError:
             pass
 
     def _finish(
