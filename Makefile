@@ -37,5 +37,14 @@ bench-routing: $(STAMP)
 bench-index: $(STAMP)
 	$(BIN)/prefix-router bench index
 
+# Locust scenarios, headless and time-bounded, against a demo fleet it starts and stops.
+LOADTEST_PORT ?= 18080
+LOADTEST_USERS ?= 24
+LOADTEST_RATE ?= 8
+LOADTEST_TIME ?= 30s
+loadtest: $(STAMP)
+	BIN=$(BIN) LOADTEST_PORT=$(LOADTEST_PORT) LOADTEST_USERS=$(LOADTEST_USERS) \
+	LOADTEST_RATE=$(LOADTEST_RATE) LOADTEST_TIME=$(LOADTEST_TIME) sh loadtest/run_locust.sh
+
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -16,12 +16,18 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from router.admission import Admission
 from router.auth import Authenticator
-from router.config import GatewayConfig
+from router.config import GatewayConfig, StateConfig
 from router.http import openai, ops
 from router.http.context import STATE, GatewayState
 from router.http.middleware import edge
 from router.metrics import GatewayMetrics
+from router.ratelimit import RateLimiter
+from router.state.backend import StateBackend
+from router.state.keys import Keys
+from router.state.memory import MemoryState
+from router.state.redis_state import RedisState
 from router.upstream.health import HealthChecker
 from router.upstream.http1 import UpstreamClient
 from router.upstream.load_scrape import LoadScraper
@@ -30,11 +36,23 @@ from router.upstream.proxy import Proxy
 from router.upstream.registry import Registry
 
 
-def build_app(config: GatewayConfig, rng: random.Random | None = None) -> web.Application:
+def build_app(
+    config: GatewayConfig, rng: random.Random | None = None, config_path: str | None = None
+) -> web.Application:
     registry = Registry(config, rng=rng)
     metrics = GatewayMetrics(registry.workers)
+    backend = build_backend(config.state, metrics)
     state = GatewayState(
-        config=config, registry=registry, metrics=metrics, auth=Authenticator(config.auth)
+        config=config,
+        registry=registry,
+        metrics=metrics,
+        auth=Authenticator(config.auth),
+        backend=backend,
+        limiter=RateLimiter(
+            backend, Keys(config.state.key_prefix), metrics, config.state.local_share
+        ),
+        admission=Admission(metrics),
+        config_path=config_path,
     )
     # The body limit is enforced by read_body with a clear 413; aiohttp's own cap sits above it.
     app = web.Application(middlewares=[edge], client_max_size=config.limits.max_body_bytes + 1)
@@ -45,9 +63,26 @@ def build_app(config: GatewayConfig, rng: random.Random | None = None) -> web.Ap
     app.router.add_get("/health", ops.health)
     app.router.add_get("/ready", ops.ready)
     app.router.add_get("/metrics", ops.metrics)
+    app.cleanup_ctx.append(_state_backend)
     app.cleanup_ctx.append(_upstream_client)
     app.cleanup_ctx.append(_background_tasks)
     return app
+
+
+def build_backend(config: StateConfig, metrics: GatewayMetrics) -> StateBackend:
+    if config.backend == "redis":
+        assert config.redis_url is not None
+        return RedisState(
+            config.redis_url, config.timeout_s, on_up_change=lambda up: metrics.redis_up.set(up)
+        )
+    return MemoryState()
+
+
+async def _state_backend(app: web.Application) -> AsyncIterator[None]:
+    backend = app[STATE].backend
+    await backend.start()
+    yield
+    await backend.close()
 
 
 async def _upstream_client(app: web.Application) -> AsyncIterator[None]:
@@ -80,7 +115,10 @@ async def _background_tasks(app: web.Application) -> AsyncIterator[None]:
     state = app[STATE]
     assert state.session is not None
     checker = HealthChecker(state.registry, state.session, state.config.health, state.metrics)
+    checker.on_change.append(lambda _worker: state.admission.kick_all())
+    state.on_reload.append(lambda config: checker.reconfigure(config.health))
     scraper = LoadScraper(state.registry, state.session, state.config.load_scrape)
+    state.on_reload.append(lambda config: scraper.reconfigure(config.load_scrape))
     # Probe once before serving so a healthy worker is routable from the first request.
     await checker.probe_all()
     runs: list[Callable[[], Coroutine[Any, Any, None]]] = [checker.run]

@@ -105,7 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         setup_logging(config.log_level)
         from router.serve import run
 
-        run(config)
+        run(config, args.config)
         return 0
     if args.command == "demo":
         setup_logging("info")

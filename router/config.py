@@ -114,6 +114,13 @@ class HybridPolicy(Strict):
     decode_s_per_running: float = Field(
         0.002, ge=0, description="TTFT added per sequence already decoding on the worker"
     )
+    balance_s_per_request: float = Field(
+        0.03,
+        ge=0,
+        description="cost charged per request the gateway has in flight on the worker: the price"
+        " of concentration that a TTFT estimate does not see (a session's later turns follow"
+        " its first, and every running sequence slows the worker's steps until it ends)",
+    )
     queue_s_per_waiting: float = Field(
         0.05, ge=0, description="TTFT added per request waiting in the worker's own queue"
     )
@@ -154,6 +161,17 @@ class IndexConfig(Strict):
     )
 
 
+class AdmissionConfig(Strict):
+    """The pool's capacity and the priority queue in front of it."""
+
+    max_in_flight_per_worker: int = Field(
+        256, ge=1, description="capacity = this x routable workers; beyond it requests queue"
+    )
+    queue_size: int = Field(1024, ge=0, description="when full, the lowest priority is shed")
+    queue_timeout_s: float = Field(30.0, gt=0)
+    timeout_status: Literal[429, 503] = Field(503, description="status after the queue timeout")
+
+
 class WorkerConfig(Strict):
     url: str
     id: str | None = None
@@ -177,6 +195,21 @@ class PoolConfig(Strict):
     index: IndexConfig = Field(default_factory=IndexConfig)
     max_prompt_tokens: int = Field(131_072, ge=1)
     max_tokens_limit: int = Field(32_768, ge=1)
+    admission: AdmissionConfig = Field(default_factory=AdmissionConfig)
+    fallback_pools: list[str] = Field(
+        default_factory=list,
+        description="pools (by name) to use, in order, when this one has no eligible worker "
+        "or is saturated",
+    )
+    overload_max_tokens: int | None = Field(
+        None, ge=1, description="cap max_tokens to this while the pool is saturated"
+    )
+    cost_per_gpu_hour: float | None = Field(
+        None,
+        ge=0,
+        description="price of one worker for one hour (all its GPUs); `/stats` then reports "
+        "the cost per million tokens",
+    )
 
     @model_validator(mode="after")
     def _unique_workers(self) -> PoolConfig:
@@ -229,7 +262,17 @@ class AuthConfig(Strict):
 class StateConfig(Strict):
     backend: Literal["memory", "redis"] = "memory"
     redis_url: str | None = None
-    timeout_s: float = Field(0.05, gt=0)
+    timeout_s: float = Field(
+        0.05, gt=0, description="per Redis call; a slow Redis adds at most this"
+    )
+    local_share: float = Field(
+        1.0,
+        gt=0,
+        le=1.0,
+        description="share of each tenant limit one replica enforces when state is not shared "
+        "(memory backend, or Redis down); e.g. 0.5 with two replicas",
+    )
+    key_prefix: str = "pr:"
 
     @model_validator(mode="after")
     def _redis_needs_url(self) -> StateConfig:
@@ -250,7 +293,20 @@ class GatewayConfig(Strict):
     outlier: OutlierConfig = Field(default_factory=OutlierConfig)
     retries: RetryConfig = Field(default_factory=RetryConfig)
     debug_headers: bool = Field(False, description="add X-Route-* headers to every response")
+    drain_timeout_s: float = Field(
+        30.0, ge=0, description="on SIGTERM, how long in-flight requests may take to finish"
+    )
     pools: dict[str, PoolConfig] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _fallbacks_exist(self) -> GatewayConfig:
+        for name, pool in self.pools.items():
+            for fallback in pool.fallback_pools:
+                if fallback not in self.pools or fallback == name:
+                    raise ValueError(
+                        f"pool {name!r}: fallback pool {fallback!r} is not another pool"
+                    )
+        return self
 
     @model_validator(mode="after")
     def _unique_model_names(self) -> GatewayConfig:

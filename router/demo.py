@@ -10,11 +10,11 @@ import asyncio
 import signal
 
 import uvloop
-from workers.sim.runner import SimHandle, start_sim_worker
 
 from router.config import parse_config
 from router.serve import start_gateway
 from workers.sim.config import SimConfig
+from workers.sim.runner import SimHandle, start_sim_worker
 
 DEMO_MODEL = "demo-llm"
 

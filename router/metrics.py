@@ -7,6 +7,7 @@ Worker objects themselves, so the request path pays nothing for them.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -49,6 +50,22 @@ DECISION_BUCKETS_S = (
     0.0025,
     0.01,
 )
+ITL_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5)
+OVERHEAD_BUCKETS_S = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.00075,
+    0.001,
+    0.0015,
+    0.002,
+    0.003,
+    0.005,
+    0.01,
+    0.025,
+    0.1,
+    0.5,
+)
 RATIO_BUCKETS = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 1.0)
 
 
@@ -72,13 +89,25 @@ class _WorkerCollector(Collector):
             "Uncached prompt tokens dispatched to the worker awaiting their first byte",
             labels=["worker"],
         )
+        # Why a worker is not routable: the active check's verdict, ejection and drain apart.
+        state = GaugeMetricFamily(
+            "prefix_router_worker_state",
+            "1 for each state the worker is in: unproven, healthy, unhealthy, ejected, draining",
+            labels=["worker", "pool", "state"],
+        )
+        now = time.monotonic()
         for w in self._workers():
             in_flight.add_metric([w.id], w.in_flight)
             healthy.add_metric([w.id, w.pool], 1.0 if w.routable else 0.0)
             backlog.add_metric([w.id], w.prefill_backlog_tokens)
+            for health in Health:
+                state.add_metric([w.id, w.pool, health.value], 1.0 if w.health is health else 0.0)
+            state.add_metric([w.id, w.pool, "ejected"], 1.0 if w.ejected_until > now else 0.0)
+            state.add_metric([w.id, w.pool, "draining"], 1.0 if w.draining else 0.0)
         yield in_flight
         yield healthy
         yield backlog
+        yield state
 
 
 class GatewayMetrics:
@@ -103,6 +132,22 @@ class GatewayMetrics:
             "Time from request to the first byte of the upstream answer",
             ["model"],
             buckets=LATENCY_BUCKETS_S,
+            registry=r,
+        )
+        self.inter_token = Histogram(
+            "prefix_router_inter_token_seconds",
+            "Gap between two relayed chunks of a stream (about one token each with vLLM)",
+            ["model"],
+            buckets=ITL_BUCKETS_S,
+            registry=r,
+        )
+        self.gateway_overhead = Histogram(
+            "prefix_router_gateway_overhead_seconds",
+            "Time to first byte at the client minus the worker's own time to first byte (whole"
+            " body when not streamed): what the gateway adds, queueing and failed attempts"
+            " included",
+            ["model"],
+            buckets=OVERHEAD_BUCKETS_S,
             registry=r,
         )
         self.prompt_tokens = Counter(
@@ -168,6 +213,24 @@ class GatewayMetrics:
             "prefix_router_worker_health_transitions",
             "Worker health state changes",
             ["to"],
+            registry=r,
+        )
+        self.rate_limited = Counter(
+            "prefix_router_rate_limited",
+            "Requests refused by a tenant limit (tenant names come from the YAML)",
+            ["tenant", "limit"],
+            registry=r,
+        )
+        self.queue_depth = Gauge(
+            "prefix_router_queue_depth",
+            "Requests waiting for admission, by pool and priority",
+            ["pool", "priority"],
+            registry=r,
+        )
+        self.shed = Counter(
+            "prefix_router_admission_rejected",
+            "Requests refused by admission: queue timeout, queue full, shed for higher priority",
+            ["pool", "priority", "cause"],
             registry=r,
         )
         self.redis_up = Gauge(

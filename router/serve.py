@@ -16,10 +16,18 @@ from router.http.context import STATE
 log = logging.getLogger("prefix_router")
 
 
-async def start_gateway(config: GatewayConfig) -> tuple[web.AppRunner, str]:
+async def start_gateway(
+    config: GatewayConfig, config_path: str | None = None
+) -> tuple[web.AppRunner, str]:
     """Start the gateway on the configured address; returns the runner and its base URL."""
-    app = build_app(config)
-    runner = web.AppRunner(app, handle_signals=False, handler_cancellation=True, access_log=None)
+    app = build_app(config, config_path=config_path)
+    runner = web.AppRunner(
+        app,
+        handle_signals=False,
+        handler_cancellation=True,
+        access_log=None,
+        shutdown_timeout=config.drain_timeout_s,
+    )
     await runner.setup()
     site = web.TCPSite(runner, config.listen.host, config.listen.port, backlog=1024)
     await site.start()
@@ -30,22 +38,33 @@ async def start_gateway(config: GatewayConfig) -> tuple[web.AppRunner, str]:
     return runner, f"http://{config.listen.host}:{port}"
 
 
-async def serve_until_stopped(config: GatewayConfig) -> None:
+async def serve_until_stopped(config: GatewayConfig, config_path: str | None = None) -> None:
     if not config.auth.enabled:
         log.warning("auth is off (auth.enabled: false): anyone who can reach this port may use it")
-    runner, url = await start_gateway(config)
+    runner, url = await start_gateway(config, config_path)
+    state = runner.app[STATE]
     log.info("prefix-router listening on %s", url)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    reloads: set[asyncio.Task[list[tuple[str, str]]]] = set()
+
+    def reload() -> None:
+        task = loop.create_task(state.reload())
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, reload)
     await stop.wait()
-    app = runner.app
-    app[STATE].draining = True
-    log.info("stopping: draining in-flight requests")
+    # Drain: /ready fails from now on, the listener closes, and requests in flight (streams
+    # included) get up to drain_timeout_s to finish before they are cancelled.
+    state.draining = True
+    log.info("stopping: draining in-flight requests for up to %gs", config.drain_timeout_s)
     await runner.cleanup()
+    log.info("stopped")
 
 
-def run(config: GatewayConfig) -> None:
+def run(config: GatewayConfig, config_path: str | None = None) -> None:
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(serve_until_stopped(config))
+        runner.run(serve_until_stopped(config, config_path))

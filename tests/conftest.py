@@ -9,11 +9,11 @@ from typing import Any
 
 import aiohttp
 import pytest
-from workers.sim.runner import SimHandle, start_sim_worker
 
 from router.config import GatewayConfig, parse_config
 from router.serve import start_gateway
 from workers.sim.config import SimConfig
+from workers.sim.runner import SimHandle, start_sim_worker
 
 MODEL = "test-llm"
 # Fast timing so tests run quickly; tests never assert timings.

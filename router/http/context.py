@@ -6,18 +6,26 @@ Everything the gateway builds lives in one `GatewayState` under one app key (no 
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import aiohttp
 from aiohttp import web
 
-from router.auth import Authenticator
-from router.config import GatewayConfig
+from router.admission import Admission
+from router.auth import Authenticator, Tenant
+from router.config import ConfigError, GatewayConfig, load_config
 from router.metrics import GatewayMetrics
+from router.ratelimit import RateLimiter
+from router.state.backend import StateBackend
+from router.stats import Stats
 from router.upstream.proxy import CallResult, Proxy
 from router.upstream.registry import Registry
+
+log = logging.getLogger("prefix_router")
 
 
 @dataclass(eq=False)
@@ -26,16 +34,48 @@ class GatewayState:
     registry: Registry
     metrics: GatewayMetrics
     auth: Authenticator
+    backend: StateBackend
+    limiter: RateLimiter
+    admission: Admission
     session: aiohttp.ClientSession | None = None
     proxy: Proxy = field(init=False)
     started_at: float = field(default_factory=time.monotonic)
     started_at_wall: float = field(default_factory=time.time)
     draining: bool = False
+    stats: Stats = field(default_factory=Stats)
+    config_path: str | None = None
+    on_reload: list[Callable[[GatewayConfig], None]] = field(default_factory=list)
+
+    async def reload(self) -> list[tuple[str, str]]:
+        """Re-read the routing YAML; validate first, swap atomically, keep the old on error.
+
+        Returns the problems found (empty on success). The listen address and the state backend
+        need a restart and keep their running values.
+        """
+        if self.config_path is None:
+            return [("(file)", "started without --config: there is no file to reload")]
+        try:
+            # A small local file read once per reload; not on any request path.
+            new = load_config(self.config_path)
+        except ConfigError as exc:
+            log.warning("reload refused, keeping the running config: %s", exc)
+            return exc.problems
+        if new.listen != self.config.listen or new.state != self.config.state:
+            log.warning("reload: listen and state settings need a restart; keeping the old ones")
+            new = new.model_copy(update={"listen": self.config.listen, "state": self.config.state})
+        gone = self.registry.apply(new)
+        self.auth = Authenticator(new.auth)
+        self.config = new
+        for hook in self.on_reload:
+            hook(new)
+        log.info("config reloaded from %s (%d workers left)", self.config_path, len(gone))
+        return []
 
 
 STATE = web.AppKey("gateway_state", GatewayState)
 REQUEST_ID = web.RequestKey("request_id", str)
 ACCESS = web.RequestKey("access", CallResult)
+TENANT = web.RequestKey("tenant", Tenant)
 
 
 def state_of(request: web.Request) -> GatewayState:

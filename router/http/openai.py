@@ -10,16 +10,20 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
 
-from router.auth import check_model
+from router.admission import PRIORITY_RANK, PoolGate
+from router.auth import Tenant, check_model
+from router.errors import NoCapacity
 from router.http.body import Kind, check_fields, parse_json_object, read_body, require_model
-from router.http.context import ACCESS, GatewayState, request_id_of, state_of
+from router.http.context import ACCESS, TENANT, GatewayState, request_id_of, state_of
 from router.routing.key import estimate_prompt_tokens, routing_key
 from router.routing.policy import RoutingRequest
 from router.upstream.proxy import CallResult, UpstreamCall
+from router.upstream.registry import Pool
 
 _PATHS: dict[Kind, str] = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
 DEFAULT_MAX_TOKENS = 16
@@ -45,6 +49,7 @@ async def completions(request: web.Request, kind: Kind) -> web.StreamResponse:
     state = state_of(request)
     config = state.config
     tenant = state.auth.authenticate(request)
+    request[TENANT] = tenant
     raw = await read_body(request, config.limits.max_body_bytes)
     body = parse_json_object(raw, config.limits.max_json_depth)
     require_model(body)
@@ -54,6 +59,32 @@ async def completions(request: web.Request, kind: Kind) -> web.StreamResponse:
     return await forward_openai(request, state, body, raw, kind, max_tokens)
 
 
+def priority_of(request: web.Request, tenant: Tenant) -> str:
+    """The tenant's class; `X-Priority` counts only for keys allowed to steer routing."""
+    if tenant.allow_routing_headers:
+        asked = request.headers.get("X-Priority", "").lower()
+        if asked in PRIORITY_RANK:
+            return asked
+    return tenant.priority
+
+
+def _choose_gate(state: GatewayState, pool: Pool) -> PoolGate:
+    """The pool itself, or its first fallback with room when it has none."""
+    gate = state.admission.gate(pool)
+    if pool.candidates() and not gate.saturated:
+        return gate
+    for name in pool.config.fallback_pools:
+        fallback = state.registry.pools.get(name)
+        if fallback is None:
+            continue
+        fallback_gate = state.admission.gate(fallback)
+        if fallback.candidates() and not fallback_gate.saturated:
+            return fallback_gate
+    if not pool.candidates():
+        raise NoCapacity(f"no healthy worker can serve model `{pool.name}` now", retry_after_s=1.0)
+    return gate  # saturated: wait in its queue
+
+
 async def forward_openai(
     request: web.Request,
     state: GatewayState,
@@ -61,9 +92,54 @@ async def forward_openai(
     raw: bytes | None,
     kind: Kind,
     max_tokens: int | None,
+    *,
+    transform: Callable[[bytes], bytes] | None = None,
 ) -> web.StreamResponse:
-    """Route and relay an already-checked OpenAI body (also used by the seed API)."""
+    """Limit, admit, route and relay an already-checked OpenAI body (also used by the seed API,
+    whose `transform` rewrites each relayed block of stream events into its own shape)."""
+    tenant = request.get(TENANT) or state.auth.authenticate(request)
     pool = state.registry.pool_for(body.get("model"))
+    gate = _choose_gate(state, pool)
+    pool = gate.pool
+    requested_tokens = max_tokens or DEFAULT_MAX_TOKENS
+    key = routing_key(body, kind)
+    prompt_tokens = estimate_prompt_tokens(key)
+    request_id = request_id_of(request)
+    charge = await state.limiter.admit(
+        tenant, prompt_tokens + requested_tokens, request_id, state.config.timeouts.total_s
+    )
+    result = CallResult()
+    request[ACCESS] = result
+    try:
+        async with state.admission.slot(gate, priority_of(request, tenant)):
+            cap = pool.config.overload_max_tokens
+            if cap is not None and gate.saturated and requested_tokens > cap:
+                body["max_tokens"] = cap
+                body.pop("max_completion_tokens", None)
+                requested_tokens = cap
+                raw = None
+            call = _upstream_call(
+                request, state, pool, body, raw, kind, key, prompt_tokens, requested_tokens
+            )
+            call.extra_headers = charge.headers
+            call.transform = transform
+            return await state.proxy.forward(request, call, result)
+    finally:
+        usage = result.usage
+        await charge.settle(usage.prompt_tokens + usage.completion_tokens if usage else None)
+
+
+def _upstream_call(
+    request: web.Request,
+    state: GatewayState,
+    pool: Pool,
+    body: dict[str, Any],
+    raw: bytes | None,
+    kind: Kind,
+    key: str,
+    prompt_tokens: int,
+    max_tokens: int,
+) -> UpstreamCall:
     stream = body.get("stream") is True
     changed = raw is None
     if body["model"] != pool.name:
@@ -84,16 +160,14 @@ async def forward_openai(
         payload = _with_usage_option(raw)
     else:
         payload = raw
-
-    key = routing_key(body, kind)
     routing = RoutingRequest(
         model=pool.name,
         key=key,
-        prompt_tokens=estimate_prompt_tokens(key),
-        max_tokens=max_tokens or DEFAULT_MAX_TOKENS,
+        prompt_tokens=prompt_tokens,
+        max_tokens=max_tokens,
         session_id=session_hint(request, body),
     )
-    call = UpstreamCall(
+    return UpstreamCall(
         pool=pool,
         routing=routing,
         path=_PATHS[kind],
@@ -103,9 +177,6 @@ async def forward_openai(
         client_wants_usage=client_wants_usage,
         debug_headers=state.config.debug_headers,
     )
-    result = CallResult()
-    request[ACCESS] = result
-    return await state.proxy.forward(request, call, result)
 
 
 def _with_usage_option(raw: bytes) -> bytes:

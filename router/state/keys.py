@@ -4,17 +4,30 @@ Writers: worker agents (`prefix-worker agent`) and gateway replicas. Readers: ga
 All names start with the configurable prefix (default `pr:`) so one Redis can host several
 fleets. Values are plain strings and numbers so any tool can inspect them with redis-cli.
 
-- `{p}worker:{id}` (hash, agent, heartbeat TTL): url, model, block_size, num_gpu_blocks,
-  agent_started_at.
+- `{p}worker:{id}` (hash, agent, heartbeat TTL, rewritten every interval): url (base URL, no
+  `/v1`), model, block_size and num_gpu_blocks (from `vllm:cache_config_info`; absent until the
+  worker reported them), agent_started_at (unix seconds).
 - `{p}workers:{model}` (set, agent, no TTL): ids of workers registered for a model; readers drop
   ids whose `{p}worker:{id}` has expired.
-- `{p}load:{id}` (hash, agent, heartbeat TTL): running, waiting, kv_usage, prefix_hits,
-  prefix_queries, ts.
-- `{p}kv:{model}` (stream, agent, MAXLEN ~KV_STREAM_MAXLEN): one entry per KV event with fields
-  worker, op (stored | removed | cleared), hashes (space-separated unsigned 64-bit ints),
-  parent, seq.
+- `{p}load:{id}` (hash, agent, heartbeat TTL): running, waiting (ints), kv_usage (0-1),
+  prefix_hits, prefix_queries (vLLM's token counters, monotonic until the worker restarts), ts
+  (unix seconds of the scrape).
+- `{p}kv:{model}` (stream, agent, MAXLEN ~KV_STREAM_MAXLEN): the changes of each worker's block
+  set, with fields worker, op (stored | removed | cleared), hashes (space-separated unsigned
+  64-bit ints, vLLM's event ints; empty for cleared), parent (int of the block before the first
+  stored one, empty at position 0 and for other ops), seq (vLLM's batch seq, empty for entries
+  the agent makes itself). Applying the entries in order as set operations (add, discard, clear)
+  yields `{p}kvsnap:{id}`. Consecutive removals of one batch share one entry. Only GPU-tier events
+  count (offload tiers are skipped). A removal means "may be gone" (vLLM does not dedupe blocks).
+  Whenever the agent loses track (its start, a gap replay cannot fill, a worker restart) it
+  writes `cleared` and the entries that follow rebuild the set; after a Redis outage it writes
+  `cleared` then the whole set as `stored` entries (parent and seq empty, at most SNAPSHOT_CHUNK
+  hashes each). So a follower that read every entry needs no snapshot; one that fell behind the
+  stream's trimming re-reads the snapshot.
 - `{p}kvsnap:{id}` (set, agent, 10 x heartbeat TTL): block hashes (decimal strings) the worker
-  holds now, so a gateway that starts late rebuilds its view, then follows the stream.
+  holds now, so a gateway that starts late rebuilds its view, then follows the stream (read the
+  stream's last id first, then the snapshot, then XREAD from that id; replaying entries the
+  snapshot already reflects is harmless, since they are set operations).
 - `{p}session:{model}:{session}` (string, gateway, SESSION_TTL_S): the session's worker id.
 - `{p}idx:{model}` (stream, gateway, MAXLEN ~IDX_STREAM_MAXLEN): approximate index inserts with
   fields replica, worker, keys (space-separated ints).
@@ -27,6 +40,8 @@ from __future__ import annotations
 DEFAULT_PREFIX = "pr:"
 HEARTBEAT_TTL_S = 10
 KV_STREAM_MAXLEN = 200_000
+KV_SNAPSHOT_TTL_FACTOR = 10  # kvsnap TTL = factor x heartbeat TTL
+SNAPSHOT_CHUNK = 1000  # hashes per SADD / stream entry when (re)writing a whole snapshot
 IDX_STREAM_MAXLEN = 100_000
 SESSION_TTL_S = 3600
 

@@ -44,6 +44,9 @@ class HealthChecker:
         self._streaks: dict[str, _Streak] = {}
         self.on_change: list[Callable[[Worker], Awaitable[None] | None]] = []
 
+    def reconfigure(self, config: HealthConfig) -> None:
+        self._config = config
+
     async def run(self) -> None:
         while True:
             await self.probe_all()

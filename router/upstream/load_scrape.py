@@ -8,6 +8,7 @@ parser: it runs for every worker every interval and must stay cheap.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import time
@@ -27,6 +28,13 @@ _GAUGES = {
     "vllm:kv_cache_usage_perc": "kv_usage",
     "vllm:gpu_cache_usage_perc": "kv_usage",
 }
+# Counters the worker agent publishes (hit rate); older vLLM used the gpu_ prefix.
+_COUNTERS = {
+    "vllm:prefix_cache_hits_total": "prefix_hits",
+    "vllm:gpu_prefix_cache_hits_total": "prefix_hits",
+    "vllm:prefix_cache_queries_total": "prefix_queries",
+    "vllm:gpu_prefix_cache_queries_total": "prefix_queries",
+}
 _LABEL = re.compile(r'(\w+)="([^"]*)"')
 
 
@@ -34,6 +42,7 @@ def parse_vllm_metrics(text: str) -> ReportedLoad:
     """Sum the load gauges over engines; take block size and capacity from cache_config_info."""
     load = ReportedLoad(updated_at=time.monotonic())
     running = waiting = 0.0
+    counters = {"prefix_hits": 0.0, "prefix_queries": 0.0}
     usage: list[float] = []
     for line in text.splitlines():
         if not line.startswith("vllm:"):
@@ -44,6 +53,11 @@ def parse_vllm_metrics(text: str) -> ReportedLoad:
             labels = ""
         else:
             labels, _, value_text = rest.rpartition("}")
+        counter = _COUNTERS.get(name.strip())
+        if counter is not None:
+            with contextlib.suppress(ValueError, IndexError):
+                counters[counter] += float(value_text.split()[0])
+            continue
         field = _GAUGES.get(name.strip())
         if field is not None:
             try:
@@ -65,6 +79,8 @@ def parse_vllm_metrics(text: str) -> ReportedLoad:
     load.running = int(running)
     load.waiting = int(waiting)
     load.kv_usage = max(usage) if usage else 0.0
+    load.prefix_hits = counters["prefix_hits"]
+    load.prefix_queries = counters["prefix_queries"]
     return load
 
 
@@ -79,6 +95,9 @@ class LoadScraper:
         self._session = session
         self._config = config
         self.on_capacity: list[Callable[[Worker], None]] = []
+
+    def reconfigure(self, config: LoadScrapeConfig) -> None:
+        self._config = config
 
     async def run(self) -> None:
         while True:

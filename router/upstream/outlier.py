@@ -26,6 +26,9 @@ class OutlierDetector:
         self._config = config
         self._metrics = metrics
 
+    def reconfigure(self, config: OutlierConfig) -> None:
+        self._config = config
+
     def success(self, worker: Worker) -> None:
         worker.consecutive_failures = 0
         if worker.ejections and worker.ejected_until and worker.ejected_until <= time.monotonic():

@@ -48,6 +48,10 @@ class UpstreamCall:
     request_id: str
     client_wants_usage: bool = True
     debug_headers: bool = False
+    extra_headers: dict[str, str] | None = None
+    # Rewrites each block of complete events before it reaches the client (the seed API's
+    # event shape); usage and [DONE] are read from the upstream bytes before it runs.
+    transform: Callable[[bytes], bytes] | None = None
 
 
 @dataclass(slots=True)
@@ -61,6 +65,10 @@ class CallResult:
     ttft_s: float | None = None
     usage: Usage | None = None
     stream_broken: bool = False
+    # perf_counter stamps and the worker's own wait, for the gateway-overhead metric.
+    sent_at: float = 0.0
+    upstream_ttfb_s: float | None = None
+    first_write_at: float = 0.0
 
 
 class _Retryable(Exception):
@@ -97,6 +105,10 @@ class Proxy:
         self._rng = rng or random.Random()
         self._active = 0
         self._retrying = 0
+
+    def reconfigure(self, timeouts: TimeoutsConfig, retries: RetryConfig) -> None:
+        self._timeouts = timeouts
+        self._retries = retries
 
     def _retry_allowed(self) -> bool:
         budget = max(self._retries.min_retries_in_flight, self._retries.budget_share * self._active)
@@ -196,6 +208,7 @@ class Proxy:
         worker = decision.worker
         uncached = max(0, call.routing.prompt_tokens - decision.matched_tokens)
         with worker.track(uncached) as dispatch:
+            result.sent_at = time.perf_counter()
             conn = await self._send(worker, call)
             try:
                 first_byte_deadline = self._loop_time() + self._timeouts.first_byte_s
@@ -292,7 +305,9 @@ class Proxy:
             body = await _read_all(conn, self._loop_time() + self._timeouts.first_byte_s)
         except (ConnectionError, TimeoutError) as exc:
             raise _Retryable("read", UpstreamFailed(f"worker broke the response: {exc}")) from None
-        result.ttft_s = time.perf_counter() - started
+        now = time.perf_counter()
+        result.ttft_s = now - started
+        result.upstream_ttfb_s = now - result.sent_at
         result.status = 200
         try:
             result.usage = usage_from(json.loads(body))
@@ -327,7 +342,9 @@ class Proxy:
         if not first:
             raise _Retryable("reset", UpstreamFailed("worker closed the stream without data"))
         on_first_byte()
-        result.ttft_s = time.perf_counter() - started
+        now = time.perf_counter()
+        result.ttft_s = now - started
+        result.upstream_ttfb_s = now - result.sent_at
         response = web.StreamResponse(status=200)
         response.content_type = "text/event-stream"
         response.headers["Cache-Control"] = "no-cache"
@@ -339,6 +356,9 @@ class Proxy:
         pending = b""
         saw_done = False
         drop_usage = not call.client_wants_usage
+        transform = call.transform
+        gaps = self._metrics.inter_token.labels(call.pool.name)
+        last_write = 0.0
         chunk = first
         try:
             while chunk:
@@ -358,8 +378,16 @@ class Proxy:
                     saw_done = saw_done or done
                 elif data.endswith(DONE):
                     saw_done = True
+                if transform is not None:
+                    data = transform(data)
                 if data:
                     await response.write(data)
+                    now = time.perf_counter()
+                    if last_write:
+                        gaps.observe(now - last_write)
+                    else:
+                        result.first_write_at = now
+                    last_write = now
                 chunk = await conn.read(self._loop_time() + idle_s)
         except (ConnectionError, TimeoutError) as exc:
             if request.transport is None or request.transport.is_closing():
@@ -421,6 +449,8 @@ class Proxy:
     @staticmethod
     def _decorate(response: web.StreamResponse, call: UpstreamCall, decision: Decision) -> None:
         response.headers["X-Request-Id"] = call.request_id
+        if call.extra_headers:
+            response.headers.update(call.extra_headers)
         if call.debug_headers:
             response.headers["X-Route-Worker"] = decision.worker.id
             response.headers["X-Route-Reason"] = decision.reason

@@ -37,26 +37,55 @@ class Pool:
 
 class Registry:
     def __init__(self, config: GatewayConfig, rng: random.Random | None = None) -> None:
+        self._rng = rng or random.Random()
         self._pools: dict[str, Pool] = {}
         self._by_model: dict[str, Pool] = {}
         self._workers: dict[str, Worker] = {}
-        rng = rng or random.Random()
+        self.apply(config)
+
+    def apply(self, config: GatewayConfig) -> list[Worker]:
+        """Take a new config (at start, or on reload) and swap to it in one step.
+
+        Workers that stay (same pool and URL) keep their object: health, load, ejections and
+        in-flight counts carry over. A pool whose policy and index settings did not change keeps
+        its policy, so its prefix index stays warm. Requests in flight hold the old objects and
+        finish untouched. Returns the workers that left.
+        """
+        pools: dict[str, Pool] = {}
+        by_model: dict[str, Pool] = {}
+        workers: dict[str, Worker] = {}
+        kept_policy: set[str] = set()
         for name, pool_config in config.pools.items():
-            policy = build_policy(name, pool_config.policy, pool_config.index, rng=rng)
+            old = self._pools.get(name)
+            if (
+                old is not None
+                and old.config.policy == pool_config.policy
+                and old.config.index == pool_config.index
+            ):
+                policy = old.policy
+                kept_policy.add(name)
+            else:
+                policy = build_policy(name, pool_config.policy, pool_config.index, rng=self._rng)
             pool = Pool(name=name, config=pool_config, policy=policy)
-            self._pools[name] = pool
+            pools[name] = pool
             for model in (name, *pool_config.aliases):
-                self._by_model[model] = pool
+                by_model[model] = pool
+            previous = {w.url: w for w in old.workers} if old is not None else {}
             for i, wc in enumerate(pool_config.workers):
-                worker_id = wc.id or f"{name}/{i}"
-                self.add_worker(
-                    Worker(
-                        id=worker_id,
-                        url=wc.url,
-                        pool=name,
-                        kv_capacity_blocks=wc.kv_capacity_blocks,
-                    )
-                )
+                worker = previous.get(wc.url)
+                if worker is None:
+                    worker = Worker(id=wc.id or f"{name}/{i}", url=wc.url, pool=name)
+                worker.kv_capacity_blocks = wc.kv_capacity_blocks
+                if worker.id in workers:
+                    worker.id = f"{worker.id}#{i}"
+                workers[worker.id] = worker
+                pool.workers.append(worker)
+        gone = [w for w in self._workers.values() if workers.get(w.id) is not w]
+        for worker in gone:
+            if worker.pool in kept_policy:
+                pools[worker.pool].policy.forget_worker(worker)
+        self._pools, self._by_model, self._workers = pools, by_model, workers
+        return gone
 
     @property
     def pools(self) -> dict[str, Pool]:

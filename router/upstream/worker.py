@@ -30,6 +30,8 @@ class ReportedLoad:
     kv_usage: float = 0.0
     block_size: int | None = None
     num_gpu_blocks: int | None = None
+    prefix_hits: float = 0.0  # counters (tokens), summed over engines
+    prefix_queries: float = 0.0
     updated_at: float = 0.0
 
 

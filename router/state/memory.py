@@ -1,0 +1,118 @@
+"""The in-memory state backend: one process, no Redis, everything bounded and evicting."""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+
+from router.state.backend import BucketResult
+
+
+class _Expiring:
+    """A bounded LRU map whose entries also expire."""
+
+    def __init__(self, max_entries: int) -> None:
+        self._items: OrderedDict[str, tuple[float, object]] = OrderedDict()
+        self._max = max_entries
+
+    def get(self, key: str, now: float) -> object | None:
+        item = self._items.get(key)
+        if item is None:
+            return None
+        expires, value = item
+        if expires <= now:
+            del self._items[key]
+            return None
+        self._items.move_to_end(key)
+        return value
+
+    def put(self, key: str, value: object, expires: float) -> None:
+        self._items[key] = (expires, value)
+        self._items.move_to_end(key)
+        while len(self._items) > self._max:
+            self._items.popitem(last=False)
+
+    def pop(self, key: str) -> None:
+        self._items.pop(key, None)
+
+
+class MemoryState:
+    def __init__(self, max_entries: int = 100_000, max_cache_bytes: int = 64 << 20) -> None:
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
+        self._slots: dict[str, dict[str, float]] = {}
+        self._sessions = _Expiring(max_entries)
+        self._cache = _Expiring(max_entries)
+        self._cache_bytes = 0
+        self._max_cache_bytes = max_cache_bytes
+        self._max_entries = max_entries
+
+    @property
+    def shared(self) -> bool:
+        return False
+
+    async def start(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    def take_now(
+        self, key: str, rate_per_s: float, burst: float, cost: float, force: bool = False
+    ) -> BucketResult:
+        now = time.monotonic()
+        tokens, stamp = self._buckets.get(key, (burst, now))
+        tokens = min(burst, tokens + (now - stamp) * rate_per_s)
+        allowed = force or tokens >= cost
+        if allowed:
+            tokens -= cost
+        self._buckets[key] = (tokens, now)
+        self._buckets.move_to_end(key)
+        while len(self._buckets) > self._max_entries:
+            self._buckets.popitem(last=False)
+        retry = 0.0 if allowed else (cost - tokens) / rate_per_s
+        reset = max(0.0, (burst - tokens) / rate_per_s)
+        return BucketResult(allowed, max(0.0, tokens), retry, reset)
+
+    async def take(
+        self, key: str, rate_per_s: float, burst: float, cost: float, *, force: bool = False
+    ) -> BucketResult:
+        return self.take_now(key, rate_per_s, burst, cost, force)
+
+    async def give_back(self, key: str, rate_per_s: float, burst: float, amount: float) -> None:
+        now = time.monotonic()
+        tokens, stamp = self._buckets.get(key, (burst, now))
+        tokens = min(burst, tokens + (now - stamp) * rate_per_s + amount)
+        self._buckets[key] = (tokens, now)
+
+    async def acquire_slot(self, key: str, limit: int, holder: str, ttl_s: float) -> bool:
+        now = time.monotonic()
+        holders = self._slots.setdefault(key, {})
+        for stale in [h for h, expires in holders.items() if expires <= now]:
+            del holders[stale]
+        if len(holders) >= limit:
+            return False
+        holders[holder] = now + ttl_s
+        return True
+
+    async def release_slot(self, key: str, holder: str) -> None:
+        holders = self._slots.get(key)
+        if holders is not None:
+            holders.pop(holder, None)
+            if not holders:
+                del self._slots[key]
+
+    async def get_session(self, key: str) -> str | None:
+        value = self._sessions.get(key, time.monotonic())
+        return value if isinstance(value, str) else None
+
+    async def set_session(self, key: str, worker_id: str, ttl_s: float) -> None:
+        self._sessions.put(key, worker_id, time.monotonic() + ttl_s)
+
+    async def cache_get(self, key: str) -> bytes | None:
+        value = self._cache.get(key, time.monotonic())
+        return value if isinstance(value, bytes) else None
+
+    async def cache_set(self, key: str, value: bytes, ttl_s: float) -> None:
+        if len(value) > self._max_cache_bytes // 16:
+            return  # one answer may not take a large share of the cache
+        self._cache.put(key, value, time.monotonic() + ttl_s)
