@@ -19,11 +19,12 @@ from aiohttp import web
 from router.admission import Admission
 from router.auth import Authenticator
 from router.config import GatewayConfig, StateConfig
-from router.http import openai, ops
+from router.http import admin, openai, ops, seed, stats
 from router.http.context import STATE, GatewayState
 from router.http.middleware import edge
 from router.metrics import GatewayMetrics
 from router.ratelimit import RateLimiter
+from router.result_cache import ResultCache
 from router.state.backend import StateBackend
 from router.state.keys import Keys
 from router.state.memory import MemoryState
@@ -52,6 +53,7 @@ def build_app(
             backend, Keys(config.state.key_prefix), metrics, config.state.local_share
         ),
         admission=Admission(metrics),
+        result_cache=ResultCache(backend, Keys(config.state.key_prefix)),
         config_path=config_path,
     )
     # The body limit is enforced by read_body with a clear 413; aiohttp's own cap sits above it.
@@ -63,6 +65,9 @@ def build_app(
     app.router.add_get("/health", ops.health)
     app.router.add_get("/ready", ops.ready)
     app.router.add_get("/metrics", ops.metrics)
+    app.router.add_get("/stats", stats.stats)
+    seed.register(app)
+    admin.register(app)
     app.cleanup_ctx.append(_state_backend)
     app.cleanup_ctx.append(_upstream_client)
     app.cleanup_ctx.append(_background_tasks)

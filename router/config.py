@@ -172,6 +172,14 @@ class AdmissionConfig(Strict):
     timeout_status: Literal[429, 503] = Field(503, description="status after the queue timeout")
 
 
+class ResultCacheConfig(Strict):
+    """Exact-repeat cache for deterministic requests (temperature 0 or a fixed seed)."""
+
+    enabled: bool = False
+    ttl_s: float = Field(300.0, gt=0)
+    max_entry_bytes: int = Field(256 * 1024, ge=1024)
+
+
 class WorkerConfig(Strict):
     url: str
     id: str | None = None
@@ -196,6 +204,7 @@ class PoolConfig(Strict):
     max_prompt_tokens: int = Field(131_072, ge=1)
     max_tokens_limit: int = Field(32_768, ge=1)
     admission: AdmissionConfig = Field(default_factory=AdmissionConfig)
+    result_cache: ResultCacheConfig = Field(default_factory=ResultCacheConfig)
     fallback_pools: list[str] = Field(
         default_factory=list,
         description="pools (by name) to use, in order, when this one has no eligible worker "

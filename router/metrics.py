@@ -233,6 +233,12 @@ class GatewayMetrics:
             ["pool", "priority", "cause"],
             registry=r,
         )
+        self.result_cache = Counter(
+            "prefix_router_result_cache",
+            "Result-cache lookups of deterministic requests, by outcome",
+            ["model", "result"],
+            registry=r,
+        )
         self.redis_up = Gauge(
             "prefix_router_redis_up", "1 if the shared state backend answers", registry=r
         )

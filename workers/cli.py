@@ -1,7 +1,8 @@
 """Command line of ``prefix-worker``: what runs beside or instead of vLLM.
 
 Thin by design: argparse turns flags into the component's pydantic config and hands over. ``sim``
-runs the simulated vLLM worker; ``agent`` and ``vllm`` will join as further subcommands.
+runs the simulated vLLM worker, ``agent`` the sidecar beside a real vLLM, and ``vllm`` starts
+``vllm serve`` with the router's flags plus the agent (``workers.launch``).
 """
 
 from __future__ import annotations
@@ -13,7 +14,10 @@ from collections.abc import Sequence
 
 from pydantic import ValidationError
 
+from workers.agent.cli import add_agent_parser, run_agent_command
+from workers.launch import add_vllm_parser, run_vllm_command, split_passthrough
 from workers.sim.config import SimConfig
+from workers.sim.fault_spec import FaultSpec, parse_fault_spec
 
 # flag -> SimConfig field, for the optional sim flags (None means "keep the default").
 _SIM_FLAGS: dict[str, tuple[str, type]] = {
@@ -30,6 +34,12 @@ _SIM_FLAGS: dict[str, tuple[str, type]] = {
     "--hash-algo": ("hash_algo", str),
     "--hash-seed": ("hash_seed", str),
     "--seed": ("seed", int),
+    "--fault-seed": ("fault_seed", int),
+    "--kv-events-endpoint": ("kv_events_endpoint", str),
+    "--kv-events-replay-endpoint": ("kv_events_replay_endpoint", str),
+    "--kv-events-format": ("kv_events_format", str),
+    "--kv-events-topic": ("kv_events_topic", str),
+    "--kv-events-buffer-steps": ("kv_events_buffer_steps", int),
 }
 
 
@@ -52,14 +62,39 @@ def _build_parser() -> argparse.ArgumentParser:
         default=None,
         help="do not cache generated tokens' blocks",
     )
+    sim.add_argument(
+        "--fault",
+        dest="faults",
+        action="append",
+        type=_fault_arg,
+        default=None,
+        metavar="SPEC",
+        help="inject a fault, e.g. 'status:status=503,count=2' (repeatable; see /sim/faults)",
+    )
+    add_agent_parser(commands)
+    add_vllm_parser(commands)
     return parser
 
 
+def _fault_arg(text: str) -> FaultSpec:
+    try:
+        return parse_fault_spec(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _build_parser().parse_args(argv)
+    # Everything after "--" belongs to `vllm serve`; argparse would mistake it for our flags.
+    own, passthrough = split_passthrough(sys.argv[1:] if argv is None else argv)
+    parser = _build_parser()
+    args = parser.parse_args(own)
+    if passthrough and args.command != "vllm":
+        parser.error("arguments after -- are only for the vllm subcommand")
+    if args.command == "vllm":
+        return run_vllm_command(args, passthrough)
     if args.command == "sim":
         fields = {"model": args.model, "host": args.host, "port": args.port}
-        for dest, _ in [*_SIM_FLAGS.values(), ("cache_output_blocks", bool)]:
+        for dest, _ in [*_SIM_FLAGS.values(), ("cache_output_blocks", bool), ("faults", list)]:
             value = getattr(args, dest)
             if value is not None:
                 fields[dest] = value
@@ -73,6 +108,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         with contextlib.suppress(KeyboardInterrupt):
             run_sim(config)
         return 0
+    if args.command == "agent":
+        return run_agent_command(args)
     return 2  # pragma: no cover - argparse rejects unknown commands
 
 

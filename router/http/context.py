@@ -20,6 +20,7 @@ from router.auth import Authenticator, Tenant
 from router.config import ConfigError, GatewayConfig, load_config
 from router.metrics import GatewayMetrics
 from router.ratelimit import RateLimiter
+from router.result_cache import ResultCache
 from router.state.backend import StateBackend
 from router.stats import Stats
 from router.upstream.proxy import CallResult, Proxy
@@ -37,6 +38,7 @@ class GatewayState:
     backend: StateBackend
     limiter: RateLimiter
     admission: Admission
+    result_cache: ResultCache
     session: aiohttp.ClientSession | None = None
     proxy: Proxy = field(init=False)
     started_at: float = field(default_factory=time.monotonic)

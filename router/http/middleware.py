@@ -18,7 +18,8 @@ from router.errors import (
     NotFound,
     PayloadTooLarge,
 )
-from router.http.context import REQUEST_ID, access_of, new_request_id, state_of
+from router.http.context import REQUEST_ID, TENANT, access_of, new_request_id, state_of
+from router.upstream.proxy import CallResult
 
 log = logging.getLogger("prefix_router.http")
 access_log = logging.getLogger("prefix_router.access")
@@ -59,9 +60,13 @@ async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
     request[REQUEST_ID] = request_id
     started = time.perf_counter()
     status = 500
+    # When the handler hands back an unsent response, that is the client's first byte.
+    first_byte_at = 0.0
     try:
         response = await handler(request)
         status = response.status
+        if not response.prepared:
+            first_byte_at = time.perf_counter()
         return response
     except GatewayError as exc:
         status = exc.status
@@ -82,10 +87,12 @@ async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
         return error_response(GatewayError("internal gateway error"), request_id)
     finally:
         if request.path in _MODEL_PATHS:
-            _record(request, status, started, request_id)
+            _record(request, status, started, first_byte_at, request_id)
 
 
-def _record(request: web.Request, status: int, started: float, request_id: str) -> None:
+def _record(
+    request: web.Request, status: int, started: float, first_byte_at: float, request_id: str
+) -> None:
     state = state_of(request)
     result = access_of(request)
     elapsed = time.perf_counter() - started
@@ -99,13 +106,28 @@ def _record(request: web.Request, status: int, started: float, request_id: str) 
     m = state.metrics
     m.requests.labels(model, str(status), policy).inc()
     m.request_duration.labels(model).observe(elapsed)
+    usage = result.usage if result is not None else None
     if result is not None:
         if result.ttft_s is not None:
             m.ttft.labels(model).observe(result.ttft_s)
-        if result.usage is not None:
-            m.prompt_tokens.labels(model).inc(result.usage.prompt_tokens)
-            m.cached_tokens.labels(model).inc(result.usage.cached_tokens)
-            m.completion_tokens.labels(model).inc(result.usage.completion_tokens)
+        if usage is not None:
+            m.prompt_tokens.labels(model).inc(usage.prompt_tokens)
+            m.cached_tokens.labels(model).inc(usage.cached_tokens)
+            m.completion_tokens.labels(model).inc(usage.completion_tokens)
+        overhead_s = _overhead_s(result, started, first_byte_at)
+        if overhead_s is not None:
+            m.gateway_overhead.labels(model).observe(overhead_s)
+    worker = result.worker.id if result and result.worker else None
+    ok = status == 200 and not (result is not None and result.stream_broken)
+    state.stats.record(
+        model if worker else None,
+        worker,
+        ok,
+        elapsed,
+        result.ttft_s if result else None,
+        usage,
+    )
+    tenant = request.get(TENANT)
     if access_log.isEnabledFor(logging.INFO):
         access_log.info(
             "request",
@@ -114,10 +136,28 @@ def _record(request: web.Request, status: int, started: float, request_id: str) 
                 "path": request.path,
                 "model": model,
                 "status": status,
-                "worker": result.worker.id if result and result.worker else None,
+                "tenant": tenant.name if tenant else None,
+                "worker": worker,
                 "reason": result.decision.reason if result and result.decision else None,
                 "attempts": result.attempts if result else 0,
+                "retries": max(0, result.attempts - 1) if result else 0,
                 "ttft_s": round(result.ttft_s, 6) if result and result.ttft_s else None,
+                "prompt_tokens": usage.prompt_tokens if usage else None,
+                "cached_tokens": usage.cached_tokens if usage else None,
+                "completion_tokens": usage.completion_tokens if usage else None,
                 "duration_s": round(elapsed, 6),
             },
         )
+
+
+def _overhead_s(result: CallResult, started: float, first_byte_at: float) -> float | None:
+    """Client-side time to first byte minus the worker's own: what the gateway added.
+
+    A stream's first byte is its first relayed event; an unstreamed answer's is the moment the
+    handler returned it (the worker's part then ends at its last byte)."""
+    if result.upstream_ttfb_s is None:
+        return None
+    at = result.first_write_at or first_byte_at
+    if not at:
+        return None
+    return max(0.0, at - started - result.upstream_ttfb_s)

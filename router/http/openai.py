@@ -17,9 +17,16 @@ from aiohttp import web
 
 from router.admission import PRIORITY_RANK, PoolGate
 from router.auth import Tenant, check_model
-from router.errors import NoCapacity
+from router.errors import InvalidRequest, NoCapacity
 from router.http.body import Kind, check_fields, parse_json_object, read_body, require_model
 from router.http.context import ACCESS, TENANT, GatewayState, request_id_of, state_of
+from router.result_cache import (
+    Capture,
+    cache_digest,
+    entry_from_body,
+    is_deterministic,
+    respond_from_cache,
+)
 from router.routing.key import estimate_prompt_tokens, routing_key
 from router.routing.policy import RoutingRequest
 from router.upstream.proxy import CallResult, UpstreamCall
@@ -104,6 +111,13 @@ async def forward_openai(
     requested_tokens = max_tokens or DEFAULT_MAX_TOKENS
     key = routing_key(body, kind)
     prompt_tokens = estimate_prompt_tokens(key)
+    if prompt_tokens > pool.config.max_prompt_tokens:
+        raise InvalidRequest(
+            f"the prompt is about {prompt_tokens} tokens, over this model's limit of "
+            f"{pool.config.max_prompt_tokens}",
+            param="messages" if kind == "chat" else "prompt",
+            code="context_length_exceeded",
+        )
     request_id = request_id_of(request)
     charge = await state.limiter.admit(
         tenant, prompt_tokens + requested_tokens, request_id, state.config.timeouts.total_s
@@ -123,10 +137,60 @@ async def forward_openai(
             )
             call.extra_headers = charge.headers
             call.transform = transform
-            return await state.proxy.forward(request, call, result)
+            if not pool.config.result_cache.enabled or not is_deterministic(body):
+                return await state.proxy.forward(request, call, result)
+            return await _through_result_cache(
+                request, state, pool, kind, body, call, result, tenant.name
+            )
     finally:
         usage = result.usage
         await charge.settle(usage.prompt_tokens + usage.completion_tokens if usage else None)
+
+
+async def _through_result_cache(
+    request: web.Request,
+    state: GatewayState,
+    pool: Pool,
+    kind: Kind,
+    body: dict[str, Any],
+    call: UpstreamCall,
+    result: CallResult,
+    tenant: str,
+) -> web.StreamResponse:
+    """Answer an exact repeat from the cache; otherwise relay and remember the answer."""
+    digest = cache_digest(pool.name, kind, body)
+    lookups = state.metrics.result_cache
+    entry = await state.result_cache.get(tenant, digest)
+    if entry is not None:
+        lookups.labels(pool.name, "hit").inc()
+        result.status = 200
+        return await respond_from_cache(
+            request,
+            kind,
+            pool.name,
+            entry,
+            call.stream,
+            call.client_wants_usage,
+            call.extra_headers or {},
+            call.transform,
+        )
+    lookups.labels(pool.name, "miss").inc()
+    capture = Capture()
+    if call.stream:
+        call.transform = capture.wrap(call.transform)
+    response = await state.proxy.forward(request, call, result)
+    if result.status == 200 and not result.stream_broken:
+        if call.stream:
+            new_entry = capture.entry_from_stream(kind)
+        else:
+            raw = response.body if isinstance(response, web.Response) else None
+            new_entry = entry_from_body(kind, raw) if isinstance(raw, bytes) else None
+        if new_entry is not None:
+            config = pool.config.result_cache
+            await state.result_cache.put(
+                tenant, digest, new_entry, config.ttl_s, config.max_entry_bytes
+            )
+    return response
 
 
 def _upstream_call(

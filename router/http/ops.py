@@ -5,23 +5,37 @@ from __future__ import annotations
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from router.http.context import state_of
+from router.http.context import GatewayState, state_of
+
+BACKEND_TYPE = "vllm"
 
 
 async def health(request: web.Request) -> web.Response:
-    """Liveness: the process answers. `is_ready` mirrors `/ready` (seed API field)."""
+    """Liveness: the process answers. The seed API's fields ride along: `is_ready` mirrors
+    `/ready`, `is_loaded` says some worker can serve (a gateway loads no model itself)."""
     state = state_of(request)
-    ready = _ready(request)
     return web.json_response(
-        {"status": "draining" if state.draining else "healthy", "is_ready": ready}
+        {
+            "status": "draining" if state.draining else "healthy",
+            "is_ready": is_ready(state),
+            "is_loaded": is_loaded(state),
+            "backend_type": BACKEND_TYPE,
+        }
     )
 
 
-def _ready(request: web.Request) -> bool:
-    state = state_of(request)
+def is_ready(state: GatewayState) -> bool:
     if state.draining:
         return False
     return all(pool.has_healthy_worker() for pool in state.registry.pools.values())
+
+
+def is_loaded(state: GatewayState) -> bool:
+    return any(pool.has_healthy_worker() for pool in state.registry.pools.values())
+
+
+def _ready(request: web.Request) -> bool:
+    return is_ready(state_of(request))
 
 
 async def ready(request: web.Request) -> web.Response:

@@ -37,11 +37,16 @@ class _Expiring:
 
 
 class MemoryState:
-    def __init__(self, max_entries: int = 100_000, max_cache_bytes: int = 64 << 20) -> None:
+    def __init__(
+        self,
+        max_entries: int = 100_000,
+        max_cache_entries: int = 4096,
+        max_cache_bytes: int = 64 << 20,
+    ) -> None:
         self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
         self._slots: dict[str, dict[str, float]] = {}
         self._sessions = _Expiring(max_entries)
-        self._cache = _Expiring(max_entries)
+        self._cache = _Expiring(max_cache_entries)
         self._cache_bytes = 0
         self._max_cache_bytes = max_cache_bytes
         self._max_entries = max_entries

@@ -127,3 +127,54 @@ async def test_fallback_pool_serves_when_primary_has_no_worker(
     async with http.post(url + "/v1/chat/completions", json=chat_body(model="primary")) as r:
         assert r.status == 200
         assert (await r.json())["model"] == "test-llm"
+
+
+async def _depths(http: aiohttp.ClientSession, url: str) -> dict[str, float]:
+    async with http.get(url + "/metrics") as resp:
+        text = await resp.text()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("prefix_router_queue_depth{"):
+            priority = line.split('priority="', 1)[1].split('"', 1)[0]
+            out[priority] = out.get(priority, 0.0) + float(line.rsplit(" ", 1)[1])
+    return out
+
+
+async def test_priority_header_is_honoured_only_for_allowed_keys(
+    sims: SimFactory, gateway: GatewayFactory, http: aiohttp.ClientSession
+) -> None:
+    steering = "pr-steering-key-0000000000"
+    auth = {
+        "enabled": True,
+        "keys": [
+            *AUTH["keys"],  # type: ignore[misc]
+            {
+                "tenant": "ops",
+                "sha256": hash_key(steering),
+                "priority": "low",
+                "allow_routing_headers": True,
+            },
+        ],
+    }
+    workers = await sims(1, **SLOW)
+    pool = {"admission": {"max_in_flight_per_worker": 1, "queue_timeout_s": 60}}
+    url = await gateway(gateway_config([workers[0].url], pool=pool, auth=auth))
+    chat = url + "/v1/chat/completions"
+    blocker = asyncio.create_task(
+        http.post(chat, json=chat_body(max_tokens=200), headers=_bearer(LOW))
+    )
+    await wait_for(lambda: _running(workers[0]) == 1, what="slot taken")
+    spoof = {**_bearer(LOW), "X-Priority": "high", "X-Tenant": "gold"}
+    spoofed = asyncio.create_task(http.post(chat, json=chat_body(), headers=spoof))
+
+    async def queued(priority: str) -> bool:
+        return (await _depths(http, url)).get(priority) == 1
+
+    await wait_for(lambda: queued("low"), what="the spoofed request queued as low")
+    assert (await _depths(http, url)).get("high", 0) == 0
+    allowed = asyncio.create_task(
+        http.post(chat, json=chat_body(), headers={**_bearer(steering), "X-Priority": "high"})
+    )
+    await wait_for(lambda: queued("high"), what="an allowed key may raise its priority")
+    for task in (blocker, spoofed, allowed):
+        (await task).release()

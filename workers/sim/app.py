@@ -7,8 +7,8 @@ or not), ``/health``, ``/v1/models`` and ``/metrics``, plus two simulator-only e
 ``GET /sim/counters`` (exact counters for tests and benchmarks) and ``POST /sim/reset``. A handler
 that exits before its request finished (the client disconnected, which cancels the handler when
 the runner enables ``handler_cancellation``, or a write failed) aborts the request in the engine,
-as vLLM does. Fault injection will wrap ``SimState.engine`` or add a middleware; nothing here
-needs to change for it.
+as vLLM does. Fault injection (``workers.sim.faults``) adds a middleware and ``/sim/faults``; a
+request that drew a fault carries it into ``_serve``, which calls its hooks.
 """
 
 from __future__ import annotations
@@ -23,9 +23,11 @@ from dataclasses import dataclass
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from workers.sim import faults
 from workers.sim.cache import PrefixCache
 from workers.sim.config import SimConfig
 from workers.sim.engine import RequestState, RequestTooLargeError, SimEngine, SimRequest
+from workers.sim.kv_publisher import install_kv_events
 from workers.sim.metrics import SimMetrics
 from workers.sim.protocol import (
     DONE_EVENT,
@@ -69,6 +71,7 @@ def _engine_stopped() -> SimAPIError:
 async def _serve(request: web.Request, kind: Kind) -> web.StreamResponse:
     state = request.app[SIM_STATE]
     engine = state.engine
+    fault = request.get(faults.SIM_FAULT)  # almost always None: see workers.sim.faults
     try:
         parsed = parse_request(
             await request.read(),
@@ -83,15 +86,19 @@ async def _serve(request: web.Request, kind: Kind) -> web.StreamResponse:
             parsed.prompt_ids,
             [WORD_IDS[i] for i in words],
             parsed.cache_salt,
-            stream_tokens=parsed.stream,
+            stream_tokens=parsed.stream or fault is not None,  # faults strike at a token
         )
     except SimAPIError as exc:
         return exc.response()
     except RequestTooLargeError as exc:
         return bad_request(str(exc)).response()
+    if fault is not None:
+        faults.on_submit(fault, engine, req)
     try:
         if parsed.stream:
-            return await _stream(request, state, parsed, req, words)
+            return await _stream(request, state, parsed, req, words, fault)
+        if fault is not None and await faults.before_response(fault, request, engine, req):
+            return web.Response()  # never sent: the fault dropped the connection
         await engine.wait_done(req)
         if req.state is not RequestState.FINISHED:
             return _engine_stopped().response()
@@ -115,6 +122,7 @@ async def _stream(
     parsed: ParsedRequest,
     req: SimRequest,
     words: list[int],
+    fault: faults.DrawnFault | None,
 ) -> web.StreamResponse:
     response = web.StreamResponse(headers=SSE_HEADERS)
     await response.prepare(request)
@@ -124,10 +132,19 @@ async def _stream(
     token_chunk = encoder.token_chunk
     last_index = req.max_tokens - 1
     seen = 0
+    # A fault holds tokens back from this index on until it has struck (die, stall, hang).
+    cut = fault.token_limit(req.max_tokens) if fault is not None else None
+    limit = req.max_tokens if cut is None else cut
     try:
         while True:
+            if seen == limit and fault is not None:
+                if await faults.strike(fault, request, engine, req):
+                    return response
+                limit = req.max_tokens
             await engine.wait_progress(req, seen)
             produced = req.num_generated
+            if produced > limit:
+                produced = limit
             parts: list[bytes] = []
             if seen == 0 and produced and parsed.kind == "chat":
                 # vLLM sends the role chunk with the first output, i.e. after the prefill.
@@ -135,18 +152,19 @@ async def _stream(
             for index in range(seen, produced):
                 parts.append(token_chunk(WORD_BYTES[words[index]], index == last_index))
             seen = produced
-            if req.state is RequestState.FINISHED:
+            held = produced < req.num_generated  # the engine may be ahead of a fault's cut
+            if req.state is RequestState.FINISHED and not held:
                 if parsed.include_usage:
                     parts.append(
                         encoder.usage_chunk(req.num_prompt, produced, req.num_cached_tokens)
                     )
                 parts.append(DONE_EVENT)
-            elif req.state is RequestState.ABORTED:
+            elif req.state is RequestState.ABORTED and not held:
                 parts.append(encoder.error_chunk(_engine_stopped()))
                 parts.append(DONE_EVENT)
             if parts:
                 await write(b"".join(parts))
-            if req.done:
+            if req.done and not held:
                 break
     except ConnectionResetError:
         return response  # the client left; _serve's finally aborts the request
@@ -220,12 +238,14 @@ async def sim_counters(request: web.Request) -> web.Response:
             "free_blocks": state.cache.free_blocks,
             "num_gpu_blocks": state.cache.num_blocks,
             "kv_cache_usage": state.cache.usage,
+            "faults_injected": request.app[faults.SIM_FAULTS].injected,
         }
     )
 
 
 async def sim_reset(request: web.Request) -> web.Response:
     request.app[SIM_STATE].engine.reset()
+    request.app[faults.SIM_FAULTS].reset_counters()
     return web.json_response({"success": True})
 
 
@@ -263,4 +283,6 @@ def build_sim_app(config: SimConfig) -> web.Application:
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/sim/counters", sim_counters)
     app.router.add_post("/sim/reset", sim_reset)
+    faults.install_faults(app, faults.FaultInjector(config.faults, config.fault_seed))
+    install_kv_events(app, config, app[SIM_STATE].cache)  # after the engine: stops first
     return app

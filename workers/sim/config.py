@@ -14,6 +14,8 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from router.vllm_wire.block_hash import DEFAULT_NONE_HASH_SEED, HashAlgo
+from router.vllm_wire.kv_events import EventFormat
+from workers.sim.fault_spec import FaultSpec
 
 
 class SimConfig(BaseModel):
@@ -48,6 +50,19 @@ class SimConfig(BaseModel):
     time_scale: float = Field(default=1.0, ge=0.0)
 
     seed: int = Field(default=0, description="seed of the generated words")
+
+    # Fault injection at start (``--fault``); /sim/faults changes the script at run time.
+    faults: tuple[FaultSpec, ...] = ()
+    fault_seed: int = Field(default=0, description="seed of probabilistic faults' draws")
+
+    # KV events on ZMQ, as vLLM's --kv-events-config (off when kv_events_endpoint is None).
+    kv_events_endpoint: str | None = Field(
+        default=None, description="PUB endpoint; bound if it has '*' or '::' or is ipc/inproc"
+    )
+    kv_events_replay_endpoint: str | None = Field(default=None, description="ROUTER, bound")
+    kv_events_format: EventFormat = Field(default="map", description="map: >= 0.24, array: old")
+    kv_events_topic: str = ""
+    kv_events_buffer_steps: int = Field(default=10000, ge=1, description="batches kept for replay")
 
     @model_validator(mode="after")
     def _check_geometry(self) -> SimConfig:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import math
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
@@ -76,6 +77,8 @@ class SimRequest:
         "num_generated",
         "num_prompt",
         "request_id",
+        "slow_credit",
+        "slowdown",
         "state",
         "stream_tokens",
         "waiter",
@@ -108,6 +111,9 @@ class SimRequest:
         self.blocks: SeqBlocks | None = None
         self.state = RequestState.WAITING
         self.waiter: asyncio.Future[None] | None = None
+        # Fault injection: steps per decoded token (inf pauses decoding), and steps banked so far.
+        self.slowdown = 1.0
+        self.slow_credit = 0.0
 
     @property
     def done(self) -> bool:
@@ -205,6 +211,16 @@ class SimEngine:
         for req in [*self._waiting, *self._running]:
             self.abort(req)
 
+    def set_slowdown(self, req: SimRequest, factor: float) -> None:
+        """Fault injection: ``req`` decodes one token per ``factor`` steps; ``math.inf`` pauses it.
+
+        A paused sequence keeps its slot and blocks (a stuck request still counts as running) but
+        is left out of the steps, so an engine with nothing else to do sleeps instead of spinning.
+        """
+        req.slowdown = factor
+        req.slow_credit = 0.0
+        self._wakeup.set()
+
     def reset(self) -> None:
         """Zero the counters and forget the prefix cache (running requests keep their blocks)."""
         self.counters.reset()
@@ -245,7 +261,7 @@ class SimEngine:
         decode: list[SimRequest] = []
         prefill: list[tuple[SimRequest, int]] = []
         for req in self._running:
-            if req.num_computed == req.num_prompt:
+            if req.num_computed == req.num_prompt and req.slowdown != math.inf:
                 decode.append(req)
         budget -= len(decode)  # config guarantees budget >= max_num_seqs
         for req in self._running:
@@ -295,6 +311,11 @@ class SimEngine:
         for req in decode:
             if req.state is not running:
                 continue
+            if req.slowdown != 1.0:
+                req.slow_credit += 1.0  # whole steps: exact for integral factors
+                if req.slow_credit < req.slowdown:
+                    continue
+                req.slow_credit -= req.slowdown
             req.num_generated += 1
             progressed.append(req)
             # The newest token's KV is computed only by the next step, hence the - 1.

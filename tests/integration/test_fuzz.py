@@ -1,0 +1,164 @@
+"""Property-based: random bodies and headers never get a 500, a traceback or a hang.
+
+The gateway and its simulated worker run as real processes; hypothesis drives a plain
+synchronous HTTP client at them, and a normal request must still succeed afterwards.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from loadtest.procs import Fleet, start_gateway_process, start_sim
+
+MODEL = "fuzz-llm"
+
+
+def _wait_ready(url: str, path: str) -> None:
+    deadline = time.monotonic() + 30
+    host, port = url.removeprefix("http://").split(":")
+    while time.monotonic() < deadline:
+        try:
+            conn = http.client.HTTPConnection(host, int(port), timeout=2)
+            conn.request("GET", path)
+            if conn.getresponse().status == 200:
+                return
+        except OSError:
+            pass
+        time.sleep(0.05)  # polling a process we started; not synchronizing test logic
+    raise AssertionError(f"{url}{path} not ready")
+
+
+@pytest.fixture(scope="module")
+def gateway_url() -> Iterator[str]:
+    fleet = Fleet()
+    sim = start_sim(MODEL, ["--time-scale", "0"])
+    fleet.procs.append(sim)
+    try:
+        _wait_ready(sim.url, "/health")
+        config = {
+            "listen": {"host": "127.0.0.1", "port": 0},
+            "log_level": "warning",
+            "auth": {"enabled": False},
+            "limits": {"max_body_bytes": 65536, "max_json_depth": 16},
+            "pools": {
+                MODEL: {
+                    "workers": [{"url": sim.url}],
+                    "max_prompt_tokens": 2000,
+                    "max_tokens_limit": 64,
+                }
+            },
+        }
+        with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+            yaml.safe_dump(config, f)
+        gateway = start_gateway_process(f.name)
+        fleet.procs.append(gateway)
+        _wait_ready(gateway.url, "/ready")
+        os.unlink(f.name)
+        yield gateway.url
+    finally:
+        fleet.stop()
+
+
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**40), 2**40)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=30),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=20,
+)
+messages = st.lists(
+    st.fixed_dictionaries(
+        {"role": st.sampled_from(["user", "system", "assistant", "tool"]) | json_values},
+        optional={"content": st.text(max_size=200) | json_values, "name": json_values},
+    ),
+    max_size=4,
+)
+bodies = st.fixed_dictionaries(
+    {},
+    optional={
+        "model": st.sampled_from([MODEL, "nope", ""]) | json_values,
+        "messages": messages | json_values,
+        "prompt": st.text(max_size=200)
+        | st.lists(st.integers(0, 50000), max_size=20)
+        | json_values,
+        "max_tokens": st.integers(-5, 100) | json_values,
+        "n": st.integers(-1, 20) | json_values,
+        "stream": st.booleans() | json_values,
+        "stream_options": json_values,
+        "temperature": st.floats(allow_nan=False) | json_values,
+        "user": json_values,
+    },
+)
+header_names = st.sampled_from(
+    [
+        "Authorization",
+        "X-Session-Id",
+        "X-Priority",
+        "X-Request-Id",
+        "x-api-key",
+        "Content-Type",
+        "X-Route-To-Worker",
+        "X-Tenant",
+    ]
+)
+header_values = st.text(
+    alphabet=st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=40
+).map(str.strip)
+headers = st.dictionaries(header_names, header_values, max_size=4)
+payloads = bodies.map(lambda b: json.dumps(b).encode()) | st.binary(max_size=300)
+
+
+def _send(url: str, path: str, payload: bytes, hdrs: dict[str, str]) -> tuple[int, bytes]:
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=20)  # a hang fails the test
+    try:
+        conn.request("POST", path, body=payload, headers=hdrs)
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+def _check(status: int, body: bytes) -> None:
+    assert status != 500 and status < 600, body[:300]
+    if status >= 400:
+        error: Any = json.loads(body)["error"]
+        assert set(error) == {"message", "type", "param", "code"}
+    elif b"data: " in body[:6]:
+        tail = body.rstrip()
+        assert tail.endswith(b"data: [DONE]") or b'"error"' in tail.rsplit(b"\n", 1)[-1]
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    path=st.sampled_from(["/v1/chat/completions", "/v1/completions"]),
+    payload=payloads,
+    hdrs=headers,
+)
+def test_random_input_never_breaks_the_gateway(
+    gateway_url: str, path: str, payload: bytes, hdrs: dict[str, str]
+) -> None:
+    status, body = _send(gateway_url, path, payload, hdrs)
+    _check(status, body)
+
+
+def test_gateway_still_serves_after_the_fuzzing(gateway_url: str) -> None:
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "still alive?"}]}
+    status, raw = _send(gateway_url, "/v1/chat/completions", json.dumps(body).encode(), {})
+    assert status == 200, raw
+    assert json.loads(raw)["choices"][0]["message"]["content"]
