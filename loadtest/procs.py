@@ -69,8 +69,8 @@ def _spawn(args: list[str], url: str, name: str) -> Proc:
     return Proc(url=url, popen=popen, log_path=log_path)
 
 
-def start_sim(model: str, extra: list[str] | None = None) -> Proc:
-    port = free_port()
+def start_sim(model: str, extra: list[str] | None = None, port: int | None = None) -> Proc:
+    port = port or free_port()
     args = [sys.executable, "-m", "workers", "sim", "--port", str(port), "--model", model]
     return _spawn(args + (extra or []), f"http://127.0.0.1:{port}", f"sim{port}")
 

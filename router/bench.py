@@ -8,6 +8,7 @@ _MODULES = {
     "overhead": "loadtest.bench_overhead",
     "routing": "loadtest.bench_routing",
     "index": "loadtest.bench_index",
+    "soak": "loadtest.bench_soak",
 }
 
 

@@ -1,6 +1,9 @@
 """The edge: request ids, mapping every error to an OpenAI-shaped body, request metrics.
 
-Nothing past this middleware renders an error; nothing a client sees is a traceback.
+Nothing past this middleware renders an error; nothing a client sees is a traceback. Once a
+model request ended, `_record` turns what the relay learned (`CallResult`) into the request
+metrics, the `/stats` tallies and one JSON access-log line, all keyed by bounded names
+(pool, worker, tenant), never by request data.
 """
 
 from __future__ import annotations

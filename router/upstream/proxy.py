@@ -120,14 +120,18 @@ class Proxy:
         started = time.perf_counter()
         tried: set[Worker] = set()
         last_error: GatewayError | None = None
+        # Attempts that failed before the worker saw the request (connection refused) are
+        # free: the next candidate costs no GPU work, so they do not use up max_attempts.
+        counted = 0
+        last_cause = ""
         self._active += 1
         try:
             async with asyncio.timeout(self._timeouts.total_s):
-                while result.attempts < self._retries.max_attempts:
+                while counted < self._retries.max_attempts:
                     candidates = [w for w in call.pool.candidates() if w not in tried]
                     if not candidates:
                         break
-                    retrying = result.attempts > 0
+                    retrying = result.attempts > 0 and last_cause != "connect"
                     if retrying:
                         if not self._retry_allowed():
                             self._metrics.retries.labels("budget_exhausted").inc()
@@ -142,7 +146,10 @@ class Proxy:
                         last_error = exc.error
                         if exc.worker is not None:
                             tried.add(exc.worker)
-                        if result.attempts < self._retries.max_attempts:
+                        last_cause = exc.cause
+                        if exc.cause != "connect":
+                            counted += 1
+                        if counted < self._retries.max_attempts:
                             self._metrics.retries.labels(exc.cause).inc()
                     finally:
                         if retrying:

@@ -25,6 +25,7 @@ from router.vllm_wire.kv_events import (
     BlockStored,
     EventMessage,
     KVEventBatch,
+    decode_batch,
     encode_batch,
     encode_seq,
     parse_replay_request,
@@ -244,7 +245,7 @@ class ScriptedPublisher:
             await self._task
         self._xpub.close(linger=0)
         self._router.close(linger=0)
-        self._context.term()
+        self._context.destroy(linger=0)
 
 
 @pytest.fixture
@@ -483,3 +484,43 @@ async def test_a_redis_outage_is_survived_and_resynced(
     assert await redis.sismember(KEYS.workers(MODEL), WORKER)
     assert replay_stream(await stream(redis)) == view
     assert agent.writer is not None and agent.writer.outages == 1
+
+
+async def test_the_sim_publishes_vllm_frames_and_sources(
+    stack: Stack, http: aiohttp.ClientSession
+) -> None:
+    sim = await stack.sim(**kv_sim(kv_events_topic="kv-events"))
+    async with http.get(sim.url + "/kv_event_sources") as resp:
+        sources = await resp.json()
+    publisher = sim.app[KV_PUBLISHER]
+    assert sources["0"]["endpoint"] == publisher.endpoint != TCP_ANY
+    assert sources["0"]["replay_endpoint"] == publisher.replay_endpoint
+    assert sources["0"]["topic"] == "kv-events" and sources["0"]["publisher"] == "zmq"
+    await run_requests(http, sim, 2, "f")
+    assert publisher.next_seq > 0
+
+    context = zmq.asyncio.Context()
+    dealer = context.socket(zmq.DEALER)
+    dealer.connect(publisher.replay_endpoint or "")
+    try:
+        await dealer.send_multipart([b"", encode_seq(0)])
+        seqs, stored_hashes = [], set()
+        while True:
+            frames = await asyncio.wait_for(dealer.recv_multipart(), 10.0)
+            if frames[2] == b"\xff" * 8:  # >= 0.26 end marker: b"", b"", END_SEQ, b""
+                assert frames == [b"", b"", b"\xff" * 8, b""]
+                break
+            assert len(frames) == 4 and frames[0] == b"" and frames[1] == b"kv-events"
+            seqs.append(int.from_bytes(frames[2], "big"))
+            batch = decode_batch(frames[3])
+            assert batch.dp_rank == 0 and batch.events
+            for event in batch.events:
+                if isinstance(event, BlockStored):
+                    assert event.medium == "GPU" and event.block_size == 16
+                    assert len(event.token_ids) == 16 * len(event.block_hashes)
+                    stored_hashes.update(event.block_hashes)
+    finally:
+        dealer.close(linger=0)
+        context.destroy(linger=0)
+    assert seqs == list(range(publisher.next_seq))
+    assert sim_hashes(sim) == stored_hashes  # nothing was evicted: 2048 blocks

@@ -113,7 +113,7 @@ class KVEventSubscriber:
             self._sub.close(linger=0)
             self._sub = None
         if self._context is not None:
-            self._context.term()
+            self._context.destroy(linger=0)  # never blocks, whatever is still open
             self._context = None
 
     async def items(self) -> AsyncIterator[SubscriberItem]:

@@ -59,6 +59,7 @@ class SimKVEventPublisher:
         self._buffer: deque[EventMessage] = deque(maxlen=config.kv_events_buffer_steps)
         self._context: zmq.asyncio.Context | None = None
         self._pub: zmq.asyncio.Socket | None = None
+        self._router: zmq.asyncio.Socket | None = None
         self._replay_task: asyncio.Task[None] | None = None
         self.endpoint: str = config.kv_events_endpoint  # resolved once bound
         self.replay_endpoint: str | None = config.kv_events_replay_endpoint
@@ -134,6 +135,7 @@ class SimKVEventPublisher:
             router.setsockopt(zmq.SNDHWM, 2 * (cfg.kv_events_buffer_steps + 1))
             router.bind(cfg.kv_events_replay_endpoint)  # vLLM always binds the replay socket
             self.replay_endpoint = router.getsockopt_string(zmq.LAST_ENDPOINT)
+            self._router = router
             self._replay_task = asyncio.create_task(self._serve_replay(router), name="kv-replay")
 
     async def stop(self) -> None:
@@ -142,27 +144,27 @@ class SimKVEventPublisher:
             with suppress(asyncio.CancelledError):
                 await self._replay_task
             self._replay_task = None
-        if self._pub is not None:
-            self._pub.close(linger=0)
-            self._pub = None
+        # Closed here, not in the task: a task cancelled before it first ran never runs its
+        # finally, and term() would then wait forever for the socket.
+        for sock in (self._router, self._pub):
+            if sock is not None:
+                sock.close(linger=0)
+        self._router = self._pub = None
         if self._context is not None:
-            self._context.term()
+            self._context.destroy(linger=0)
             self._context = None
 
     async def _serve_replay(self, router: zmq.asyncio.Socket) -> None:
-        try:
-            while True:
-                request = parse_replay_request(await router.recv_multipart())
-                if request is None:
-                    log.warning("ignoring a malformed KV event replay request")
-                    continue
-                identity, start_seq = request
-                # Copy first: steps keep appending while the replies are sent.
-                for message in [m for m in self._buffer if m.seq >= start_seq]:
-                    await router.send_multipart(replay_batch_frames(identity, message))
-                await router.send_multipart(replay_end_frames(identity))
-        finally:
-            router.close(linger=0)
+        while True:
+            request = parse_replay_request(await router.recv_multipart())
+            if request is None:
+                log.warning("ignoring a malformed KV event replay request")
+                continue
+            identity, start_seq = request
+            # Copy first: steps keep appending while the replies are sent.
+            for message in [m for m in self._buffer if m.seq >= start_seq]:
+                await router.send_multipart(replay_batch_frames(identity, message))
+            await router.send_multipart(replay_end_frames(identity))
 
     def sources(self) -> dict[str, dict[str, object]]:
         """The body of vLLM 0.33's ``GET /kv_event_sources`` (one DP rank)."""
