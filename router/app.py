@@ -29,6 +29,7 @@ from router.state.backend import StateBackend
 from router.state.keys import Keys
 from router.state.memory import MemoryState
 from router.state.redis_state import RedisState
+from router.upstream.discovery import Discovery
 from router.upstream.health import HealthChecker
 from router.upstream.http1 import UpstreamClient
 from router.upstream.load_scrape import LoadScraper
@@ -130,6 +131,17 @@ async def _background_tasks(app: web.Application) -> AsyncIterator[None]:
     if state.config.load_scrape.enabled:
         await scraper.scrape_all()
         runs.append(scraper.run)
+    if isinstance(state.backend, RedisState):
+        discovery = Discovery(
+            state.registry,
+            state.backend,
+            Keys(state.config.state.key_prefix),
+            state.config.state.discovery_interval_s,
+        )
+        await discovery.sync_once()
+        if any(w.health.value == "unproven" for w in state.registry.workers()):
+            await checker.probe_all()
+        runs.append(discovery.run)
     tasks = [asyncio.create_task(run()) for run in runs]
     yield
     for task in tasks:

@@ -115,7 +115,7 @@ class HybridPolicy(Strict):
         0.002, ge=0, description="TTFT added per sequence already decoding on the worker"
     )
     balance_s_per_request: float = Field(
-        0.03,
+        0.02,
         ge=0,
         description="cost charged per request the gateway has in flight on the worker: the price"
         " of concentration that a TTFT estimate does not see (a session's later turns follow"
@@ -282,6 +282,9 @@ class StateConfig(Strict):
         "(memory backend, or Redis down); e.g. 0.5 with two replicas",
     )
     key_prefix: str = "pr:"
+    discovery_interval_s: float = Field(
+        1.0, gt=0, description="how often workers registered by agents are read from Redis"
+    )
 
     @model_validator(mode="after")
     def _redis_needs_url(self) -> StateConfig:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -146,6 +147,15 @@ class RedisServer:
             if loop.time() > deadline:
                 process.kill()
             await asyncio.sleep(0.02)
+
+    def pause(self) -> None:
+        """Freeze the server (SIGSTOP): connections stay open but nothing answers."""
+        if self._process is not None:
+            self._process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        if self._process is not None:
+            self._process.send_signal(signal.SIGCONT)
 
     def close(self) -> None:
         """Stop for good and remove the working directory."""

@@ -104,7 +104,10 @@ class RedisState:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._probe
         if self._client is not None:
-            await self._client.aclose()
+            # Closing must not wait on a Redis that went away (the gateway is shutting down).
+            with contextlib.suppress(RedisError, OSError, TimeoutError):
+                async with asyncio.timeout(1.0):
+                    await self._client.aclose()
 
     async def _check(self) -> None:
         assert self._client is not None

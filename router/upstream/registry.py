@@ -80,6 +80,11 @@ class Registry:
                     worker.id = f"{worker.id}#{i}"
                 workers[worker.id] = worker
                 pool.workers.append(worker)
+        for worker in self._workers.values():
+            # Discovered workers are not in the YAML: they stay while their pool does.
+            if worker.discovered and worker.pool in pools and worker.id not in workers:
+                workers[worker.id] = worker
+                pools[worker.pool].workers.append(worker)
         gone = [w for w in self._workers.values() if workers.get(w.id) is not w]
         for worker in gone:
             if worker.pool in kept_policy:

@@ -42,6 +42,8 @@ class Worker:
     pool: str
     kv_capacity_blocks: int | None = None
     health: Health = Health.UNPROVEN
+    discovered: bool = False
+    """Registered by an agent through Redis rather than listed in the YAML."""
     draining: bool = False
     in_flight: int = 0
     prefill_backlog_tokens: int = 0
