@@ -26,6 +26,7 @@ from router.metrics import GatewayMetrics
 from router.ratelimit import RateLimiter
 from router.result_cache import ResultCache
 from router.state.backend import StateBackend
+from router.state.fleet_sync import FleetSync, InsertTarget
 from router.state.keys import Keys
 from router.state.memory import MemoryState
 from router.state.redis_state import RedisState
@@ -55,6 +56,9 @@ def build_app(
         ),
         admission=Admission(metrics),
         result_cache=ResultCache(backend, Keys(config.state.key_prefix)),
+        fleet=FleetSync(
+            backend, Keys(config.state.key_prefix), lambda pool: _index_of(registry, pool)
+        ),
         config_path=config_path,
     )
     # The body limit is enforced by read_body with a clear 413; aiohttp's own cap sits above it.
@@ -73,6 +77,13 @@ def build_app(
     app.cleanup_ctx.append(_upstream_client)
     app.cleanup_ctx.append(_background_tasks)
     return app
+
+
+def _index_of(registry: Registry, pool: str) -> InsertTarget | None:
+    """The pool's approximate index, for other replicas' inserts (policies without one: None)."""
+    found = registry.pools.get(pool)
+    index = getattr(found.policy, "index", None) if found is not None else None
+    return index if callable(getattr(index, "insert", None)) else None
 
 
 def build_backend(config: StateConfig, metrics: GatewayMetrics) -> StateBackend:
@@ -142,6 +153,8 @@ async def _background_tasks(app: web.Application) -> AsyncIterator[None]:
         if any(w.health.value == "unproven" for w in state.registry.workers()):
             await checker.probe_all()
         runs.append(discovery.run)
+        runs.append(state.fleet.run_publisher)
+        runs.append(lambda: state.fleet.run_follower(lambda: list(state.registry.pools)))
     tasks = [asyncio.create_task(run()) for run in runs]
     yield
     for task in tasks:

@@ -22,6 +22,7 @@ from router.metrics import GatewayMetrics
 from router.ratelimit import RateLimiter
 from router.result_cache import ResultCache
 from router.state.backend import StateBackend
+from router.state.fleet_sync import FleetSync
 from router.stats import Stats
 from router.upstream.proxy import CallResult, Proxy
 from router.upstream.registry import Registry
@@ -39,6 +40,7 @@ class GatewayState:
     limiter: RateLimiter
     admission: Admission
     result_cache: ResultCache
+    fleet: FleetSync
     session: aiohttp.ClientSession | None = None
     proxy: Proxy = field(init=False)
     started_at: float = field(default_factory=time.monotonic)

@@ -28,7 +28,7 @@ from router.result_cache import (
     respond_from_cache,
 )
 from router.routing.key import estimate_prompt_tokens, routing_key
-from router.routing.policy import RoutingRequest
+from router.routing.policy import Decision, RoutingRequest
 from router.upstream.proxy import CallResult, UpstreamCall
 from router.upstream.registry import Pool
 
@@ -137,6 +137,10 @@ async def forward_openai(
             )
             call.extra_headers = charge.headers
             call.transform = transform
+            session = call.routing.session_id
+            if session is not None:
+                call.routing.session_worker = await state.fleet.session_worker(pool.name, session)
+            call.on_decision = lambda decision: _share_decision(state, decision, session)
             if not pool.config.result_cache.enabled or not is_deterministic(body):
                 return await state.proxy.forward(request, call, result)
             return await _through_result_cache(
@@ -145,6 +149,15 @@ async def forward_openai(
     finally:
         usage = result.usage
         await charge.settle(usage.prompt_tokens + usage.completion_tokens if usage else None)
+
+
+def _share_decision(state: GatewayState, decision: Decision, session: str | None) -> None:
+    """Tell the other replicas where this request goes (sessions and index inserts)."""
+    worker = decision.worker
+    if session is not None:
+        state.fleet.remember_session(worker.pool, session, worker.id)
+    if decision.block_keys:
+        state.fleet.publish_insert(worker.pool, worker.id, decision.block_keys)
 
 
 async def _through_result_cache(

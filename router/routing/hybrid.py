@@ -4,9 +4,10 @@ Each candidate's TTFT is estimated by `CostModel` from the queue ahead of the re
 request's *uncached* tokens on that worker (prompt minus what the prefix index says it holds)
 and the decode load. Cache hits shrink the second term and queues grow the first, so affinity
 wins exactly until the cached worker is slower than a cold one: no gate that fires for every
-request or never (routing-landscape §8-9). Ties (within a microsecond) break at random, so
-distinct cold prompts spread over every worker. A session sticks to its last worker while that
-worker's estimate is within `session_margin_s` of the best. The chosen worker's blocks are
+request or never (routing-landscape §8-9). Ties (within a microsecond) go to the worker whose
+index holds the fewest blocks, then at random, so distinct cold prompts spread over every
+worker. A session sticks to its last worker while that worker's estimate is within
+`session_margin_s` of the best. The chosen worker's blocks are
 inserted at pick time, so concurrent requests sharing the prefix follow it at once.
 """
 
@@ -64,7 +65,7 @@ class HybridCost:
         reason = ""
         session_id = request.session_id
         if session_id is not None:
-            sticky_id = self.sessions.get(session_id)
+            sticky_id = request.session_worker or self.sessions.get(session_id)
             if sticky_id is not None:
                 for i, w in enumerate(candidates):
                     if w.id == sticky_id and costs[i] <= best + self._config.session_margin_s:
@@ -72,6 +73,11 @@ class HybridCost:
                         break
         if chosen < 0:
             ties = [i for i, cost in enumerate(costs) if cost <= best + _TIE_S]
+            if len(ties) > 1:
+                # Equal estimates (typically idle workers and a cold prompt): the worker caching
+                # least goes first, so distinct shared prefixes land on distinct workers.
+                held = [self.index.blocks_of(candidates[i].id) for i in ties]
+                ties = [i for i, h in zip(ties, held, strict=True) if h == min(held)]
             chosen = ties[0] if len(ties) == 1 else self._rng.choice(ties)
             if cached[chosen]:
                 reason = "prefix_hit"
@@ -83,7 +89,9 @@ class HybridCost:
         self.index.insert(worker.id, keys)
         if session_id is not None:
             self.sessions.put(session_id, worker.id)
-        return Decision(worker=worker, reason=reason, matched_tokens=cached[chosen])
+        return Decision(
+            worker=worker, reason=reason, matched_tokens=cached[chosen], block_keys=keys
+        )
 
     def observe(self, outcome: Outcome) -> None:
         # The pick-time insert already records the served prompt (a served request leaves it

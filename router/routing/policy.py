@@ -24,6 +24,9 @@ class RoutingRequest:
     """Estimated prompt tokens."""
     max_tokens: int
     session_id: str | None = None
+    session_worker: str | None = None
+    """The session's worker as the fleet's shared state knows it (another replica may have
+    routed its previous turn); policies prefer it to their own memory."""
 
 
 @dataclass(slots=True)
@@ -33,6 +36,9 @@ class Decision:
     """Bounded vocabulary, used as a metric label: e.g. `round_robin`, `prefix_hit`, `sticky`."""
     matched_tokens: int = 0
     """Estimated prompt tokens the chosen worker already holds."""
+    block_keys: list[int] | None = None
+    """The approximate index keys the policy recorded for the chosen worker, so other replicas
+    can record them too."""
 
 
 @dataclass(slots=True)

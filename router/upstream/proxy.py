@@ -52,6 +52,8 @@ class UpstreamCall:
     # Rewrites each block of complete events before it reaches the client (the seed API's
     # event shape); usage and [DONE] are read from the upstream bytes before it runs.
     transform: Callable[[bytes], bytes] | None = None
+    on_decision: Callable[[Decision], None] | None = None
+    """Called once per routing decision, before the request is sent (to share it)."""
 
 
 @dataclass(slots=True)
@@ -180,6 +182,8 @@ class Proxy:
         t0 = time.perf_counter()
         decision = policy.pick(call.routing, candidates)
         self._record_decision(policy.name, decision, call.routing, t0)
+        if call.on_decision is not None:
+            call.on_decision(decision)
         worker = decision.worker
         result.attempts += 1
         result.worker, result.decision = worker, decision

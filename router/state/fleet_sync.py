@@ -1,0 +1,151 @@
+"""What replicas share about routing: session stickiness and approximate index inserts.
+
+Sessions: before routing, the session's worker is read from the shared state (so a turn that
+lands on another replica follows the previous one); after routing, the choice is written back
+in the background. Index inserts: each replica appends what it recorded for a worker to the
+pool's `{p}idx:{model}` stream (batched, bounded length) and follows the other replicas'
+entries into its own index. With the memory backend this all stays local, and while Redis is
+down each replica routes on what it knows, then follows again from the stream's tail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from redis.exceptions import RedisError
+
+from router.state.backend import StateBackend
+from router.state.keys import IDX_STREAM_MAXLEN, SESSION_TTL_S, Keys
+from router.state.redis_state import RedisState
+
+log = logging.getLogger("prefix_router.fleet_sync")
+
+_FLUSH_S = 0.02
+_MAX_PENDING = 10_000
+
+
+class InsertTarget(Protocol):
+    def insert(self, worker_id: str, keys: list[int]) -> None: ...
+
+
+class FleetSync:
+    def __init__(
+        self,
+        backend: StateBackend,
+        keys: Keys,
+        index_of: Callable[[str], InsertTarget | None],
+        session_ttl_s: float = SESSION_TTL_S,
+    ) -> None:
+        self.replica = uuid.uuid4().hex[:12]
+        self._backend = backend
+        self._keys = keys
+        self._index_of = index_of
+        self._session_ttl_s = session_ttl_s
+        self._pending: list[tuple[str, str, list[int]]] = []
+        self._background: set[asyncio.Task[None]] = set()
+        self._wake = asyncio.Event()
+
+    # -- sessions -------------------------------------------------------------------------------
+
+    async def session_worker(self, pool: str, session: str) -> str | None:
+        if not self._backend.shared:
+            return None
+        return await self._backend.get_session(self._keys.session(pool, session))
+
+    def remember_session(self, pool: str, session: str, worker_id: str) -> None:
+        if not self._backend.shared:
+            return
+        task = asyncio.create_task(
+            self._backend.set_session(
+                self._keys.session(pool, session), worker_id, self._session_ttl_s
+            )
+        )
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    # -- index inserts ----------------------------------------------------------------------------
+
+    def publish_insert(self, pool: str, worker_id: str, block_keys: list[int]) -> None:
+        if not isinstance(self._backend, RedisState) or not self._backend.shared:
+            return
+        if len(self._pending) < _MAX_PENDING:
+            self._pending.append((pool, worker_id, block_keys))
+            self._wake.set()
+
+    async def run_publisher(self) -> None:
+        """Flush pending inserts in one pipeline every few milliseconds."""
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            await asyncio.sleep(_FLUSH_S)
+            batch, self._pending = self._pending, []
+            client = self._backend.client if isinstance(self._backend, RedisState) else None
+            if client is None or not batch:
+                continue
+            pipe = client.pipeline(transaction=False)
+            for pool, worker_id, block_keys in batch:
+                entry = {
+                    "replica": self.replica,
+                    "worker": worker_id,
+                    "keys": " ".join(map(str, block_keys)),
+                }
+                pipe.xadd(
+                    self._keys.index_stream(pool),
+                    entry,  # type: ignore[arg-type]
+                    maxlen=IDX_STREAM_MAXLEN,
+                    approximate=True,
+                )
+            with contextlib.suppress(RedisError, OSError, TimeoutError):
+                async with asyncio.timeout(1.0):
+                    await pipe.execute()
+
+    async def run_follower(self, pools: Callable[[], list[str]]) -> None:
+        """Apply other replicas' inserts to the local index."""
+        last: dict[str, str] = {}
+        while True:
+            client = self._backend.client if isinstance(self._backend, RedisState) else None
+            if client is None:
+                last.clear()  # after an outage, follow from the tail again
+                await asyncio.sleep(0.5)
+                continue
+            try:
+                for pool in pools():
+                    if pool not in last:
+                        # Start after the newest entry: older ones predate this replica's view.
+                        newest: Any = await client.xrevrange(self._keys.index_stream(pool), count=1)
+                        last[pool] = _entry_id(newest[0][0]) if newest else "0-0"
+                streams = {self._keys.index_stream(p): last[p] for p in pools()}
+                replies: Any = await client.xread(streams, count=1000, block=500)  # type: ignore[arg-type]
+            except (RedisError, OSError, TimeoutError) as exc:
+                log.debug("index follower paused: %s", exc)
+                await asyncio.sleep(0.5)
+                continue
+            for stream, entries in replies or []:
+                name = stream.decode() if isinstance(stream, bytes) else str(stream)
+                pool = name[len(self._keys.index_stream("")) :]
+                for entry_id, fields in entries:
+                    last[pool] = _entry_id(entry_id)
+                    self._apply(pool, fields)
+
+    def _apply(self, pool: str, fields: dict[bytes, bytes]) -> None:
+        if fields.get(b"replica", b"").decode() == self.replica:
+            return
+        index = self._index_of(pool)
+        worker = fields.get(b"worker")
+        raw = fields.get(b"keys")
+        if index is None or worker is None or raw is None:
+            return
+        try:
+            block_keys = [int(k) for k in raw.split()]
+        except ValueError:
+            return
+        index.insert(worker.decode(), block_keys)
+
+
+def _entry_id(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

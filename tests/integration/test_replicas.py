@@ -1,0 +1,52 @@
+"""Two gateway replicas on one Redis behave like one: a session's next turn follows it."""
+
+from __future__ import annotations
+
+import aiohttp
+
+from tests.conftest import GatewayFactory, SimFactory, chat_body, gateway_config, wait_for
+
+
+def _state(url: str) -> dict[str, object]:
+    return {"backend": "redis", "redis_url": url, "timeout_s": 0.2}
+
+
+async def test_second_turn_on_replica_b_lands_where_replica_a_routed(
+    sims: SimFactory, gateway: GatewayFactory, http: aiohttp.ClientSession, redis_url: str
+) -> None:
+    workers = await sims(4)
+    urls = []
+    for _ in range(2):
+        config = gateway_config(
+            [w.url for w in workers], state=_state(redis_url), debug_headers=True
+        )
+        urls.append(await gateway(config))
+    a, b = urls
+    for url in urls:
+        await wait_for(lambda url=url: _all_ready(http, url, 4), what="replica sees 4 workers")
+    for n in range(6):
+        session = {"X-Session-Id": f"conversation-{n}"}
+        first = chat_body(f"session {n} opening question about topic {n * 7}")
+        async with http.post(a + "/v1/chat/completions", json=first, headers=session) as resp:
+            assert resp.status == 200
+            chosen = resp.headers["X-Route-Worker"]
+            answer = (await resp.json())["choices"][0]["message"]["content"]
+        second = {
+            **first,
+            "messages": [
+                *first["messages"],
+                {"role": "assistant", "content": answer},
+                {"role": "user", "content": "and a follow-up"},
+            ],
+        }
+
+        async with http.post(b + "/v1/chat/completions", json=second, headers=session) as resp:
+            assert resp.status == 200
+            assert resp.headers["X-Route-Worker"] == chosen, f"session {n} did not follow"
+
+
+async def _all_ready(http: aiohttp.ClientSession, url: str, n: int) -> bool:
+    async with http.get(url + "/metrics") as resp:
+        text = await resp.text()
+    healthy = [ln for ln in text.splitlines() if ln.startswith("prefix_router_worker_healthy{")]
+    return len(healthy) == n and all(ln.endswith(" 1.0") for ln in healthy)
