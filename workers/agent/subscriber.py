@@ -10,6 +10,9 @@ process). When a gap cannot be filled (no replay endpoint, buffer too short, no 
 agent resyncs and applies whatever contiguous tail it got: applying any tail of the history to
 an empty view gives a subset of the true view, which only costs cache hits, never wrong routes.
 At start the same applies: a replay from 0 rebuilds as much of the worker's state as it buffers.
+While the SUB is quiet, a probe replays from the last applied batch, which must come back
+unchanged: that catches lost trailing batches and a restart whose new batches the SUB missed.
+One subscriber follows one publisher (one DP rank); a DP fleet runs one agent per rank.
 """
 
 from __future__ import annotations
