@@ -124,10 +124,11 @@ async def forward_openai(
     )
     result = CallResult()
     request[ACCESS] = result
+    overloaded = gate.saturated  # judged on arrival: the request's own slot does not count
     try:
         async with state.admission.slot(gate, priority_of(request, tenant)):
             cap = pool.config.overload_max_tokens
-            if cap is not None and gate.saturated and requested_tokens > cap:
+            if cap is not None and overloaded and requested_tokens > cap:
                 body["max_tokens"] = cap
                 body.pop("max_completion_tokens", None)
                 requested_tokens = cap

@@ -37,6 +37,8 @@ async def test_keys_are_required_and_checked(
     for path, body in (
         ("/v1/chat/completions", chat_body()),
         ("/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 2}),
+        ("/generate", {"model": MODEL, "prompt": "hi", "max_tokens": 2}),
+        ("/chat", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}),
     ):
         async with http.post(url + path, json=body) as resp:
             assert resp.status == 401

@@ -3,6 +3,7 @@ failure, retries to another worker, ejection of a hung worker and its return."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import aiohttp
@@ -126,3 +127,38 @@ async def test_hung_worker_is_ejected_then_readmitted(
 
 async def _healthy(http: aiohttp.ClientSession, url: str, n: int) -> bool:
     return await _metric(http, url, "prefix_router_worker_healthy{") >= n
+
+
+async def test_a_stall_longer_than_the_idle_timeout_ends_the_stream_with_an_error(
+    sims: SimFactory, gateway: GatewayFactory, http: aiohttp.ClientSession
+) -> None:
+    (sim,) = await sims(1)
+    url = await gateway(gateway_config([sim.url], timeouts={"idle_s": 0.3}))
+    await _faults(
+        http, sim, {"kind": "stall_between_tokens", "after_tokens": 2, "stall_s": 30, "count": 1}
+    )
+    async with http.post(url + "/v1/chat/completions", json=chat_body(stream=True)) as resp:
+        events, done = await read_events(resp)
+    assert not done
+    assert events[-1]["error"]["code"] == "upstream_stream_broken"
+    assert "idle_timeout" in events[-1]["error"]["message"]
+
+
+async def test_overloaded_pool_caps_max_tokens(
+    sims: SimFactory, gateway: GatewayFactory, http: aiohttp.ClientSession
+) -> None:
+    (sim,) = await sims(1, time_scale=1.0)
+    pool = {"admission": {"max_in_flight_per_worker": 1}, "overload_max_tokens": 4}
+    url = await gateway(gateway_config([sim.url], pool=pool))
+    chat = url + "/v1/chat/completions"
+    blocker = asyncio.create_task(http.post(chat, json=chat_body("hold", max_tokens=100)))
+    await wait_for(lambda: _running_is(http, sim, 1), what="the pool is saturated")
+    async with http.post(chat, json=chat_body("under overload", max_tokens=50)) as resp:
+        assert resp.status == 200
+        assert (await resp.json())["usage"]["completion_tokens"] == 4
+    first = await blocker
+    assert (await first.json())["usage"]["completion_tokens"] == 100  # admitted before overload
+
+
+async def _running_is(http: aiohttp.ClientSession, sim: SimHandle, n: int) -> bool:
+    return (await _counters(http, sim))["running"] == n
