@@ -52,17 +52,30 @@ def session_hint(request: web.Request, body: dict[str, Any]) -> str | None:
     return None
 
 
-async def completions(request: web.Request, kind: Kind) -> web.StreamResponse:
-    state = state_of(request)
-    config = state.config
-    tenant = state.auth.authenticate(request)
-    request[TENANT] = tenant
-    raw = await read_body(request, config.limits.max_body_bytes)
-    body = parse_json_object(raw, config.limits.max_json_depth)
+async def authenticated_body(
+    request: web.Request, state: GatewayState
+) -> tuple[bytes, dict[str, Any]]:
+    """Who is calling (before anything is read), then the body as a checked JSON object."""
+    request[TENANT] = state.auth.authenticate(request)
+    limits = state.config.limits
+    raw = await read_body(request, limits.max_body_bytes)
+    return raw, parse_json_object(raw, limits.max_json_depth)
+
+
+def allowed_pool(
+    request: web.Request, state: GatewayState, body: dict[str, Any], kind: Kind
+) -> tuple[Pool, int | None]:
+    """The pool serving the body's model, if the caller may use it; and the max tokens asked."""
     require_model(body)
     pool = state.registry.pool_for(body.get("model"))
-    check_model(tenant, pool.name)
-    max_tokens = check_fields(body, kind, pool.config.max_tokens_limit)
+    check_model(request[TENANT], pool.name)
+    return pool, check_fields(body, kind, pool.config.max_tokens_limit)
+
+
+async def completions(request: web.Request, kind: Kind) -> web.StreamResponse:
+    state = state_of(request)
+    raw, body = await authenticated_body(request, state)
+    _, max_tokens = allowed_pool(request, state, body, kind)
     return await forward_openai(request, state, body, raw, kind, max_tokens)
 
 

@@ -16,11 +16,10 @@ from typing import Any
 
 from aiohttp import web
 
-from router.auth import check_model
 from router.errors import InvalidRequest
-from router.http.body import Kind, check_fields, parse_json_object, read_body
-from router.http.context import TENANT, request_id_of, state_of
-from router.http.openai import forward_openai
+from router.http.body import Kind
+from router.http.context import request_id_of, state_of
+from router.http.openai import allowed_pool, authenticated_body, forward_openai
 from router.http.ops import BACKEND_TYPE
 from router.upstream.sse import EVENT_END
 
@@ -85,15 +84,9 @@ def to_openai(seed: dict[str, Any], kind: Kind, default_model: str) -> dict[str,
 
 async def _serve(request: web.Request, kind: Kind) -> web.StreamResponse:
     state = state_of(request)
-    config = state.config
-    tenant = state.auth.authenticate(request)
-    request[TENANT] = tenant
-    raw = await read_body(request, config.limits.max_body_bytes)
-    seed = parse_json_object(raw, config.limits.max_json_depth)
+    _, seed = await authenticated_body(request, state)
     body = to_openai(seed, kind, state.registry.models()[0])
-    pool = state.registry.pool_for(body["model"])
-    check_model(tenant, pool.name)
-    max_tokens = check_fields(body, kind, pool.config.max_tokens_limit)
+    pool, max_tokens = allowed_pool(request, state, body, kind)
     request_id = request_id_of(request)
     if body.get("stream") is True:
         events = SeedEvents(request_id, kind)

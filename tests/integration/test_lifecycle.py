@@ -71,23 +71,8 @@ async def test_sigterm_drains_in_flight_streams(
 ) -> None:
     workers = await sims(1, time_scale=1.0)
     config = _config_dict([workers[0].url])
-    port = _free_port()
-    config["listen"] = {"host": "127.0.0.1", "port": port}
     config["drain_timeout_s"] = 30
-    path = tmp_path / "routing.yaml"
-    path.write_text(yaml.safe_dump(config))
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "router",
-        "serve",
-        "--config",
-        str(path),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    url = f"http://127.0.0.1:{port}"
+    proc, url, _ = await _serve_process(config, tmp_path)
     try:
         await wait_for(lambda: _ready(http, url), timeout_s=30, what="gateway ready")
         body = chat_body("a long answer please", stream=True, max_tokens=80)
@@ -110,22 +95,8 @@ async def test_sighup_reloads(
     sims: SimFactory, http: aiohttp.ClientSession, tmp_path: Path
 ) -> None:
     workers = await sims(1)
-    port = _free_port()
     config = _config_dict([workers[0].url])
-    config["listen"] = {"host": "127.0.0.1", "port": port}
-    path = tmp_path / "routing.yaml"
-    path.write_text(yaml.safe_dump(config))
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "router",
-        "serve",
-        "--config",
-        str(path),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
+    proc, url, path = await _serve_process(config, tmp_path)
     try:
         await wait_for(lambda: _ready(http, url), timeout_s=30, what="gateway ready")
         config["pools"][MODEL]["aliases"] = ["after-hup"]  # type: ignore[index]
@@ -140,6 +111,28 @@ async def test_sighup_reloads(
     finally:
         proc.terminate()
         await proc.wait()
+
+
+async def _serve_process(
+    config: dict[str, object], tmp_path: Path
+) -> tuple[asyncio.subprocess.Process, str, Path]:
+    """`prefix-router serve --config` as a real process on a free port."""
+    port = _free_port()
+    config["listen"] = {"host": "127.0.0.1", "port": port}
+    path = tmp_path / "routing.yaml"
+    path.write_text(yaml.safe_dump(config))
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "router",
+        "serve",
+        "--config",
+        str(path),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    return proc, f"http://127.0.0.1:{port}", path
 
 
 def _free_port() -> int:
