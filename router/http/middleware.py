@@ -85,6 +85,9 @@ async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
         error = GatewayError("the request ran past its total deadline", code="timeout")
         error.status = 504
         return error_response(error, request_id)
+    except ConnectionResetError:
+        status = 499  # the client went away mid-response: nothing left to answer
+        raise
     except Exception:
         log.exception("unhandled error, request %s", request_id)
         return error_response(GatewayError("internal gateway error"), request_id)

@@ -119,8 +119,6 @@ async def forward_openai(
     whose `transform` rewrites each relayed block of stream events into its own shape)."""
     tenant = request.get(TENANT) or state.auth.authenticate(request)
     pool = state.registry.pool_for(body.get("model"))
-    gate = _choose_gate(state, pool)
-    pool = gate.pool
     requested_tokens = max_tokens or DEFAULT_MAX_TOKENS
     key = routing_key(body, kind)
     prompt_tokens = estimate_prompt_tokens(key)
@@ -131,6 +129,8 @@ async def forward_openai(
             param="messages" if kind == "chat" else "prompt",
             code="context_length_exceeded",
         )
+    gate = _choose_gate(state, pool)
+    pool = gate.pool
     request_id = request_id_of(request)
     charge = await state.limiter.admit(
         tenant, prompt_tokens + requested_tokens, request_id, state.config.timeouts.total_s
