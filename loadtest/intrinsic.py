@@ -1,0 +1,59 @@
+"""Intrinsic reuse: the prefix-cache hit rate of one worker with an unbounded cache (DESIGN §10.11).
+
+The requests are replayed in arrival order against a set of every block ever cached. A prompt of
+n tokens hits its leading whole blocks whose chained prefix is in the set, at most (n-1)//16 of
+them (vLLM always computes the last prompt token); then its prompt and the generated tokens whose
+KV was computed (all but the last, whole blocks only, as the simulated worker caches output
+blocks) join the set. Prompts are tokenized exactly as the simulated worker does (its chat
+template and word tokenizer); a block's identity is the chained hash of its 16 token ids, which is
+all that prefix identity needs (vLLM's SHA-256 would give the same matches, slower).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from loadtest.workloads import BLOCK_TOKENS
+from workers.sim.tokenizer import WordTokenizer, render_chat
+
+
+class ChatTokens:
+    """Token ids of chat prompts and answers, as the simulated worker computes them."""
+
+    def __init__(self) -> None:
+        self._tokenizer = WordTokenizer()
+
+    def prompt(self, messages: list[dict[str, Any]]) -> list[int]:
+        return self._tokenizer.encode(render_chat(messages))
+
+    def answer(self, text: str) -> list[int]:
+        return self._tokenizer.encode(text)
+
+
+def block_chain(tokens: Sequence[int], block_tokens: int = BLOCK_TOKENS) -> list[int]:
+    """Chained hashes of the whole blocks of `tokens` (each stands for its entire prefix)."""
+    chain: list[int] = []
+    parent = 0
+    for start in range(0, len(tokens) - block_tokens + 1, block_tokens):
+        parent = hash((parent, tuple(tokens[start : start + block_tokens])))
+        chain.append(parent)
+    return chain
+
+
+def intrinsic_reuse(
+    requests: Iterable[tuple[Sequence[int], Sequence[int]]], block_tokens: int = BLOCK_TOKENS
+) -> tuple[int, int]:
+    """(hit tokens, prompt tokens) of `(prompt ids, output ids)` pairs served in this order."""
+    seen: set[int] = set()
+    hits = total = 0
+    for prompt, output in requests:
+        total += len(prompt)
+        chain = block_chain(prompt, block_tokens)
+        limit = max(0, (len(prompt) - 1) // block_tokens)
+        matched = 0
+        while matched < limit and chain[matched] in seen:
+            matched += 1
+        hits += matched * block_tokens
+        seen.update(block_chain([*prompt, *output[:-1]], block_tokens))
+    return hits, total
