@@ -119,6 +119,8 @@ class PoolGate:
 
     def kick(self) -> None:
         """Admit waiters while there is capacity (after a release or a worker came back)."""
+        if not self._queue:
+            return
         capacity = self.capacity()
         while self._queue and self.in_flight < capacity:
             waiter = heapq.heappop(self._queue)

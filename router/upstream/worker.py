@@ -44,6 +44,9 @@ class Worker:
     health: Health = Health.UNPROVEN
     discovered: bool = False
     """Registered by an agent through Redis rather than listed in the YAML."""
+    agent_id: str | None = None
+    """The id its agent registered (the worker's own id when discovered; for a YAML worker, the
+    agent found beside it by URL): KV events name workers by it."""
     draining: bool = False
     in_flight: int = 0
     prefill_backlog_tokens: int = 0
@@ -59,7 +62,7 @@ class Worker:
         return (
             self.health is Health.HEALTHY
             and not self.draining
-            and self.ejected_until <= time.monotonic()
+            and (not self.ejected_until or self.ejected_until <= time.monotonic())
         )
 
     @property
