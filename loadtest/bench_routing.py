@@ -23,12 +23,21 @@ import time
 from typing import Any
 
 import aiohttp
+import redis.asyncio as aioredis
 import uvloop
 import yaml
 
 from loadtest.chart import write_chart
 from loadtest.intrinsic import ChatTokens, intrinsic_reuse
-from loadtest.procs import Fleet, Proc, cpu_seconds, start_gateway_process, start_sim, wait_ready
+from loadtest.procs import (
+    Fleet,
+    Proc,
+    cpu_seconds,
+    start_gateway_process,
+    start_redis,
+    start_sim,
+    wait_ready,
+)
 from loadtest.replay import Replay, replay
 from loadtest.stats import percentile, print_table, write_json
 from loadtest.workloads import (
@@ -94,15 +103,30 @@ def machine_busy_s() -> tuple[float, float]:
     return (sum(ticks) - idle) / hz, sum(ticks) / hz
 
 
-def _gateway_config(sims: list[Proc], policy: str, capacity: int) -> dict[str, Any]:
+def _gateway_config(
+    sims: list[Proc], policy: str, capacity: int, redis_url: str | None
+) -> dict[str, Any]:
     workers = [{"url": s.url, "kv_capacity_blocks": capacity} for s in sims]
+    state: dict[str, Any] = {"backend": "memory"}
+    if redis_url is not None:
+        state = {"backend": "redis", "redis_url": redis_url, "timeout_s": 0.2}
     return {
         "listen": {"host": "127.0.0.1", "port": 0},
         "log_level": "warning",
         "debug_headers": True,
         "auth": {"enabled": False},
+        "state": state,
         "pools": {MODEL: {"workers": workers, "policy": {"name": policy}}},
     }
+
+
+async def _flush(redis_url: str) -> None:
+    """A fresh shared state per policy: sessions and index entries must not carry over."""
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        await client.flushall()
+    finally:
+        await client.aclose()
 
 
 async def _all_healthy(url: str, count: int, timeout_s: float = 30.0) -> None:
@@ -144,25 +168,37 @@ async def _decision_reasons(url: str) -> dict[str, float]:
 
 
 async def run_policy(
-    policy: str, sims: list[Proc], capacity: int, workload: Workload
+    policy: str,
+    sims: list[Proc],
+    capacity: int,
+    workload: Workload,
+    replicas: int = 1,
+    redis_url: str | None = None,
 ) -> dict[str, Any]:
     await _sims_call(sims, "POST", "/sim/reset")
+    if redis_url is not None:
+        await _flush(redis_url)
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
-        yaml.safe_dump(_gateway_config(sims, policy, capacity), f)
-    gateway = start_gateway_process(f.name)
+        yaml.safe_dump(_gateway_config(sims, policy, capacity, redis_url), f)
+    gateways = [start_gateway_process(f.name) for _ in range(replicas)]
     try:
-        await wait_ready(gateway.url, "/ready")
-        await _all_healthy(gateway.url, len(sims))
-        pids = [gateway.pid, *(s.pid for s in sims)]
+        for gateway in gateways:
+            await wait_ready(gateway.url, "/ready")
+            await _all_healthy(gateway.url, len(sims))
+        pids = [*(g.pid for g in gateways), *(s.pid for s in sims)]
         cpu0 = sum(cpu_seconds(p) for p in pids) + time.process_time()
         busy0, total0 = machine_busy_s()
-        result = await replay(gateway.url, MODEL, workload)
+        result = await replay([g.url for g in gateways], MODEL, workload)
         cpu = sum(cpu_seconds(p) for p in pids) + time.process_time() - cpu0
         busy1, total1 = machine_busy_s()
         counters = await _sims_call(sims, "GET", "/sim/counters")
-        reasons = await _decision_reasons(gateway.url)
+        reasons: dict[str, float] = {}
+        for gateway in gateways:
+            for reason, count in (await _decision_reasons(gateway.url)).items():
+                reasons[reason] = reasons.get(reason, 0.0) + count
     finally:
-        gateway.stop()
+        for gateway in gateways:
+            gateway.stop()
         os.unlink(f.name)
     row = _summarize(policy, result, counters, reasons, cpu)
     row["machine_busy"] = (busy1 - busy0) / (total1 - total0) if total1 > total0 else 0.0
@@ -251,13 +287,21 @@ async def run_workload(name: str, args: argparse.Namespace) -> dict[str, Any]:
     capacity = args.gpu_blocks or gpu_blocks_for(workload, args.workers, args.fleet_share)
     fleet = Fleet()
     try:
+        redis_url = None
+        if args.replicas > 1:
+            redis = start_redis()
+            fleet.procs.append(redis)
+            redis_url = redis.url
         for i in range(args.workers):
             sim_args = ["--num-gpu-blocks", str(capacity), "--seed", str(args.seed + i)]
             fleet.procs.append(start_sim(MODEL, sim_args))
-        await asyncio.gather(*(wait_ready(s.url, "/health") for s in fleet.procs))
+        sims = [p for p in fleet.procs if p.url.startswith("http")]
+        await asyncio.gather(*(wait_ready(s.url, "/health") for s in sims))
         rows = []
         for policy in args.policies:
-            rows.append(await run_policy(policy, fleet.procs, capacity, workload))
+            rows.append(
+                await run_policy(policy, sims, capacity, workload, args.replicas, redis_url)
+            )
             r = rows[-1]
             print(
                 f"  {name}/{policy}: {r['requests']} requests in {r['elapsed_s']:.1f}s, "
@@ -270,7 +314,8 @@ async def run_workload(name: str, args: argparse.Namespace) -> dict[str, Any]:
         r["of_intrinsic"] = r["hit_rate"] / r["intrinsic"] if r["intrinsic"] else 0.0
     intrinsic = sum(r["intrinsic"] for r in rows) / len(rows)
     ws = workload.working_set_blocks
-    print(f"\nworkload {name}: {workload.description}")
+    replicas = f", {args.replicas} gateway replicas on one Redis" if args.replicas > 1 else ""
+    print(f"\nworkload {name}: {workload.description}{replicas}")
     print(
         f"{args.workers} simulated workers x {capacity} KV blocks (working set ~{ws} blocks = "
         f"{ws / capacity:.1f} workers' caches); intrinsic reuse {intrinsic:.3f}"
@@ -302,6 +347,7 @@ async def run_workload(name: str, args: argparse.Namespace) -> dict[str, Any]:
         "working_set_blocks": ws,
         "intrinsic_reuse": intrinsic,
         "seed": args.seed,
+        "replicas": args.replicas,
         "rows": rows,
         "acceptance": checks,
     }
@@ -333,6 +379,13 @@ def run(argv: list[str] | None = None) -> int:
         "--fleet-share", type=float, default=1.0, help="fleet KV = this x the working set"
     )
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--replicas",
+        type=int,
+        default=1,
+        help="gateway replicas sharing state through a Redis the benchmark starts; the client "
+        "spreads requests over them in turn",
+    )
     parser.add_argument("--json", default="loadtest/results/routing-{workload}.json")
     parser.add_argument("--png", default="loadtest/results/routing-{workload}.png")
     args = parser.parse_args(argv)

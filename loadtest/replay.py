@@ -10,8 +10,10 @@ of the stream, and the worker's usage (prompt and cached tokens) is kept for cro
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,7 +50,16 @@ class Replay:
     """How late each script started against its schedule (load generator starved if large)."""
 
 
-async def replay(url: str, model: str, workload: Workload, timeout_s: float = 120.0) -> Replay:
+async def replay(
+    urls: str | list[str], model: str, workload: Workload, timeout_s: float = 120.0
+) -> Replay:
+    """Replay the workload; with several gateway URLs, requests take them in turn."""
+    targets = [urls] if isinstance(urls, str) else urls
+    turn = itertools.count()
+
+    def url_of_next() -> str:
+        return targets[next(turn) % len(targets)]
+
     result = Replay()
     connector = aiohttp.TCPConnector(limit=0)
     timeout = aiohttp.ClientTimeout(total=timeout_s)
@@ -56,7 +67,7 @@ async def replay(url: str, model: str, workload: Workload, timeout_s: float = 12
         loop = asyncio.get_running_loop()
         start = loop.time()
         tasks = [
-            asyncio.create_task(_run_script(session, url, model, script, start, result))
+            asyncio.create_task(_run_script(session, url_of_next, model, script, start, result))
             for script in workload.scripts
         ]
         await asyncio.gather(*tasks)
@@ -67,7 +78,7 @@ async def replay(url: str, model: str, workload: Workload, timeout_s: float = 12
 
 async def _run_script(
     session: aiohttp.ClientSession,
-    url: str,
+    url_of_next: Callable[[], str],
     model: str,
     script: Script,
     start: float,
@@ -95,7 +106,7 @@ async def _run_script(
             "stream": True,
             "stream_options": {"include_usage": True},
         }
-        await _send(session, url, json.dumps(body).encode(), headers, record)
+        await _send(session, url_of_next(), json.dumps(body).encode(), headers, record)
         if not record.ok:
             return  # a session cannot go on without its answer
         messages = [*messages, {"role": "assistant", "content": record.answer}]

