@@ -162,3 +162,43 @@ async def test_overloaded_pool_caps_max_tokens(
 
 async def _running_is(http: aiohttp.ClientSession, sim: SimHandle, n: int) -> bool:
     return (await _counters(http, sim))["running"] == n
+
+
+async def test_in_flight_and_backlog_return_to_zero_after_every_kind_of_ending(
+    sims: SimFactory, gateway: GatewayFactory, http: aiohttp.ClientSession
+) -> None:
+    flaky, steady = await sims(2, time_scale=0.2)
+    config = gateway_config(
+        [flaky.url, steady.url, "http://127.0.0.1:9"],
+        outlier={"consecutive_failures": 1000},
+        health={"interval_s": 60},
+    )
+    url = await gateway(config)
+    await _faults(
+        http,
+        flaky,
+        {"kind": "status", "status": 503, "count": 3},
+        {"kind": "die_mid_stream", "after_tokens": 2, "count": 3},
+    )
+    chat = url + "/v1/chat/completions"
+
+    async def finish(i: int) -> None:
+        async with http.post(chat, json=chat_body(f"mix {i}", stream=i % 2 == 0)) as resp:
+            await resp.read()
+
+    async def hang_up(i: int) -> None:
+        async with aiohttp.ClientSession() as client:
+            resp = await client.post(chat, json=chat_body(f"gone {i}", stream=True, max_tokens=500))
+            await resp.content.readany()
+            resp.close()
+
+    await asyncio.gather(*(finish(i) for i in range(16)), *(hang_up(i) for i in range(4)))
+
+    async def idle() -> bool:
+        in_flight = await _metric(http, url, "prefix_router_worker_in_flight{")
+        backlog = await _metric(http, url, "prefix_router_worker_prefill_backlog_tokens{")
+        return in_flight == 0 and backlog == 0
+
+    await wait_for(idle, what="in-flight counts and prefill backlogs back to zero")
+    assert (await _counters(http, flaky))["faults_injected"] == 6
+    assert await _metric(http, url, "prefix_router_upstream_failures_total") >= 6
