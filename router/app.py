@@ -28,6 +28,7 @@ from router.result_cache import ResultCache
 from router.state.backend import StateBackend
 from router.state.fleet_sync import FleetSync, InsertTarget
 from router.state.keys import Keys
+from router.state.kv_follower import KVFollower
 from router.state.memory import MemoryState
 from router.state.redis_state import RedisState
 from router.upstream.discovery import Discovery
@@ -155,6 +156,11 @@ async def _background_tasks(app: web.Application) -> AsyncIterator[None]:
         runs.append(discovery.run)
         runs.append(state.fleet.run_publisher)
         runs.append(lambda: state.fleet.run_follower(lambda: list(state.registry.pools)))
+        assert state.config.state.redis_url is not None
+        kv_follower = KVFollower(
+            state.registry, state.config.state.redis_url, Keys(state.config.state.key_prefix)
+        )
+        runs.append(kv_follower.run)
     tasks = [asyncio.create_task(run()) for run in runs]
     yield
     for task in tasks:

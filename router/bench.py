@@ -9,6 +9,7 @@ _MODULES = {
     "routing": "loadtest.bench_routing",
     "index": "loadtest.bench_index",
     "soak": "loadtest.bench_soak",
+    "precise": "loadtest.bench_precise",
 }
 
 

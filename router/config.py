@@ -161,6 +161,37 @@ class IndexConfig(Strict):
     )
 
 
+class PreciseConfig(Strict):
+    """Precise prefix mode: the gateway tokenizes the prompt as the workers do, computes vLLM's
+    block hashes, and matches them against the blocks workers reported (KV events via agents)."""
+
+    tokenizer: str = Field(description='"word" (the simulated worker\'s) or a tokenizer.json path')
+    chat_template: str | None = Field(
+        None, description="Jinja2 chat template, a file path or the text (word: optional)"
+    )
+    bos_token: str | None = Field(None, description="the template's bos_token, if it uses one")
+    eos_token: str | None = Field(None, description="the template's eos_token, if it uses one")
+    block_size: int = Field(16, ge=1, description="the workers' KV block size in tokens")
+    hash_algo: Literal["sha256", "sha256_cbor"] = Field(
+        "sha256", description="the workers' --prefix-caching-hash-algo"
+    )
+    hash_seed: str = Field("vllm-none-hash", description="the workers' PYTHONHASHSEED, if set")
+    speculative_ttl_s: float = Field(
+        5.0, gt=0, description="a routed block counts as held this long unless an event says so"
+    )
+    default_capacity_blocks: int = Field(
+        200_000, ge=1, description="per-worker bound on known blocks when it reports no capacity"
+    )
+
+    @model_validator(mode="after")
+    def _loadable(self) -> PreciseConfig:
+        # Load now, so a bad path or template fails the config (and a reload keeps the old one).
+        from router.vllm_wire.prompt_tokens import build_prompt_tokenizer
+
+        build_prompt_tokenizer(self.tokenizer, self.chat_template, self.bos_token, self.eos_token)
+        return self
+
+
 class AdmissionConfig(Strict):
     """The pool's capacity and the priority queue in front of it."""
 
@@ -201,6 +232,9 @@ class PoolConfig(Strict):
     workers: list[WorkerConfig] = Field(default_factory=list)
     policy: PolicyConfig = Field(default_factory=HybridPolicy)
     index: IndexConfig = Field(default_factory=IndexConfig)
+    precise: PreciseConfig | None = Field(
+        None, description="route on vLLM's block hashes (hybrid policy, Redis state, agents)"
+    )
     max_prompt_tokens: int = Field(131_072, ge=1)
     max_tokens_limit: int = Field(32_768, ge=1)
     admission: AdmissionConfig = Field(default_factory=AdmissionConfig)
@@ -225,6 +259,8 @@ class PoolConfig(Strict):
         urls = [w.url for w in self.workers]
         if len(set(urls)) != len(urls):
             raise ValueError("a worker url is listed twice")
+        if self.precise is not None and self.policy.name != "hybrid":
+            raise ValueError("precise prefix mode needs the hybrid policy")
         return self
 
 

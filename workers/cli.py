@@ -40,6 +40,8 @@ _SIM_FLAGS: dict[str, tuple[str, type]] = {
     "--kv-events-format": ("kv_events_format", str),
     "--kv-events-topic": ("kv_events_topic", str),
     "--kv-events-buffer-steps": ("kv_events_buffer_steps", int),
+    "--tokenizer": ("tokenizer", str),
+    "--chat-template": ("chat_template", str),
 }
 
 

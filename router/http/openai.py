@@ -121,7 +121,9 @@ async def forward_openai(
     pool = state.registry.pool_for(body.get("model"))
     requested_tokens = max_tokens or DEFAULT_MAX_TOKENS
     key = routing_key(body, kind)
-    prompt_tokens = estimate_prompt_tokens(key)
+    # Precise pools tokenize and hash the prompt as their workers will, once per request.
+    precise = pool.keyer.key(body, kind == "chat") if pool.keyer is not None else None
+    prompt_tokens = max(1, precise.prompt_tokens) if precise else estimate_prompt_tokens(key)
     if prompt_tokens > pool.config.max_prompt_tokens:
         raise InvalidRequest(
             f"the prompt is about {prompt_tokens} tokens, over this model's limit of "
@@ -149,6 +151,7 @@ async def forward_openai(
             call = _upstream_call(
                 request, state, pool, body, raw, kind, key, prompt_tokens, requested_tokens
             )
+            call.routing.block_hashes = precise.block_hashes if precise else None
             call.extra_headers = charge.headers
             call.transform = transform
             session = call.routing.session_id

@@ -14,6 +14,7 @@ from router.config import (
     IndexConfig,
     LeastLoadPolicy,
     PolicyConfig,
+    PreciseConfig,
     PrefixPolicy,
     RoundRobinPolicy,
 )
@@ -21,6 +22,7 @@ from router.routing.consistent_hash import ConsistentHash
 from router.routing.hybrid import HybridCost
 from router.routing.least_load import LeastLoad
 from router.routing.policy import Policy
+from router.routing.precise_index import PreciseIndex
 from router.routing.prefix import PrefixAffinity
 from router.routing.round_robin import RoundRobin
 
@@ -30,8 +32,10 @@ def build_policy(
     config: PolicyConfig,
     index_config: IndexConfig,
     rng: random.Random | None = None,
+    precise: PreciseConfig | None = None,
 ) -> Policy:
-    """A fresh policy for pool `pool_name` (the name only appears in errors)."""
+    """A fresh policy for pool `pool_name` (the name only appears in errors); `precise` gives a
+    hybrid policy its precise index."""
     rng = rng or random.Random()
     if isinstance(config, RoundRobinPolicy):
         return RoundRobin()
@@ -42,5 +46,10 @@ def build_policy(
     if isinstance(config, PrefixPolicy):
         return PrefixAffinity(config, index_config, rng)
     if isinstance(config, HybridPolicy):
-        return HybridCost(config, index_config, rng)
+        precise_index = None
+        if precise is not None:
+            precise_index = PreciseIndex(
+                precise.block_size, precise.speculative_ttl_s, precise.default_capacity_blocks
+            )
+        return HybridCost(config, index_config, rng, precise_index)
     raise ValueError(f"pool {pool_name!r}: unknown policy {config!r}")

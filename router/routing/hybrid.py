@@ -9,6 +9,8 @@ index holds the fewest blocks, then at random, so distinct cold prompts spread o
 worker. A session sticks to its last worker while that worker's estimate is within
 `session_margin_s` of the best. The chosen worker's blocks are
 inserted at pick time, so concurrent requests sharing the prefix follow it at once.
+In a precise pool (`request.block_hashes` set) the cached tokens come from the `PreciseIndex`
+(vLLM's block hashes, confirmed by KV events) and the pick speculates the chosen worker's blocks.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import NamedTuple
 from router.config import HybridPolicy, IndexConfig
 from router.routing.cost_model import CostModel
 from router.routing.policy import Decision, Outcome, RoutingRequest
+from router.routing.precise_index import PreciseIndex
 from router.routing.prefix_index import PrefixIndex
 from router.routing.sessions import SessionTable
 from router.upstream.worker import Worker
@@ -37,9 +40,14 @@ class HybridCost:
     name = "hybrid"
 
     def __init__(
-        self, config: HybridPolicy, index_config: IndexConfig, rng: random.Random | None = None
+        self,
+        config: HybridPolicy,
+        index_config: IndexConfig,
+        rng: random.Random | None = None,
+        precise: PreciseIndex | None = None,
     ) -> None:
         self._config = config
+        self.precise = precise
         self.cost_model = CostModel(config)
         self.index = PrefixIndex(index_config)
         self.sessions = SessionTable(config.session_max_entries, config.session_ttl_s)
@@ -47,6 +55,8 @@ class HybridCost:
 
     def estimate(self, request: RoutingRequest, candidates: Sequence[Worker]) -> Estimate:
         """Key blocks, cached tokens and estimated TTFT per candidate (the decision's cost)."""
+        if self.precise is not None and request.block_hashes is not None:
+            return self._estimate_precise(request, candidates, self.precise, request.block_hashes)
         index = self.index
         index.sync_capacities(candidates)
         keys = index.block_keys(request.key)
@@ -57,8 +67,24 @@ class HybridCost:
         costs = [ttft(w, prompt_tokens - c) for w, c in zip(candidates, cached, strict=True)]
         return Estimate(keys, cached, costs)
 
+    def _estimate_precise(
+        self,
+        request: RoutingRequest,
+        candidates: Sequence[Worker],
+        precise: PreciseIndex,
+        hashes: list[int],
+    ) -> Estimate:
+        precise.sync_capacities(candidates)
+        held = precise.match(hashes)
+        prompt_tokens = request.prompt_tokens
+        cached = [precise.cached_tokens(held.get(w.id, 0), prompt_tokens) for w in candidates]
+        ttft = self.cost_model.ttft_s
+        costs = [ttft(w, prompt_tokens - c) for w, c in zip(candidates, cached, strict=True)]
+        return Estimate([], cached, costs)  # no approximate keys: events tell other replicas
+
     def pick(self, request: RoutingRequest, candidates: Sequence[Worker]) -> Decision:
         keys, cached, costs = self.estimate(request, candidates)
+        precise = self.precise if request.block_hashes is not None else None
         best = min(costs)
 
         chosen = -1
@@ -76,7 +102,7 @@ class HybridCost:
             if len(ties) > 1:
                 # Equal estimates (typically idle workers and a cold prompt): the worker caching
                 # least goes first, so distinct shared prefixes land on distinct workers.
-                held = [self.index.blocks_of(candidates[i].id) for i in ties]
+                held = [(precise or self.index).blocks_of(candidates[i].id) for i in ties]
                 ties = [i for i, h in zip(ties, held, strict=True) if h == min(held)]
             chosen = ties[0] if len(ties) == 1 else self._rng.choice(ties)
             if cached[chosen]:
@@ -86,7 +112,10 @@ class HybridCost:
             else:
                 reason = "cold"
         worker = candidates[chosen]
-        self.index.insert(worker.id, keys)
+        if precise is not None and request.block_hashes is not None:
+            precise.speculate(worker.id, request.block_hashes)
+        else:
+            self.index.insert(worker.id, keys)
         if session_id is not None:
             self.sessions.put(session_id, worker.id)
         return Decision(
@@ -100,4 +129,6 @@ class HybridCost:
 
     def forget_worker(self, worker: Worker) -> None:
         self.index.remove_worker(worker.id)
+        if self.precise is not None:
+            self.precise.remove_worker(worker.id)
         self.sessions.forget_worker(worker.id)

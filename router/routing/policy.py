@@ -27,6 +27,9 @@ class RoutingRequest:
     session_worker: str | None = None
     """The session's worker as the fleet's shared state knows it (another replica may have
     routed its previous turn); policies prefer it to their own memory."""
+    block_hashes: list[int] | None = None
+    """vLLM's block hashes of the prompt (event ints), for pools in precise mode; `prompt_tokens`
+    is then exact."""
 
 
 @dataclass(slots=True)

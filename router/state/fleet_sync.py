@@ -21,11 +21,12 @@ from redis.exceptions import RedisError
 
 from router.state.backend import StateBackend
 from router.state.keys import IDX_STREAM_MAXLEN, SESSION_TTL_S, Keys
-from router.state.redis_state import RedisState
+from router.state.redis_state import RedisState, stop_if_cancelled
 
 log = logging.getLogger("prefix_router.fleet_sync")
 
 _FLUSH_S = 0.02
+_POLL_S = 0.05
 _MAX_PENDING = 10_000
 
 
@@ -120,11 +121,17 @@ class FleetSync:
                         newest: Any = await client.xrevrange(self._keys.index_stream(pool), count=1)
                         last[pool] = _entry_id(newest[0][0]) if newest else "0-0"
                 streams = {self._keys.index_stream(p): last[p] for p in pools()}
-                replies: Any = await client.xread(streams, count=1000, block=500)  # type: ignore[arg-type]
+                # Non-blocking reads, polled: a blocking XREAD outlives the client's short
+                # socket timeout, and redis-py may swallow a cancellation that lands inside it.
+                replies: Any = await client.xread(streams, count=1000)  # type: ignore[arg-type]
             except (RedisError, OSError, TimeoutError) as exc:
+                stop_if_cancelled()
                 log.debug("index follower paused: %s", exc)
                 await asyncio.sleep(0.5)
                 continue
+            stop_if_cancelled()
+            if not replies:
+                await asyncio.sleep(_POLL_S)
             for stream, entries in replies or []:
                 name = stream.decode() if isinstance(stream, bytes) else str(stream)
                 pool = name[len(self._keys.index_stream("")) :]

@@ -15,6 +15,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from router.state.backend import BucketResult
@@ -92,6 +94,7 @@ class RedisState:
             socket_timeout=self._timeout_s,
             socket_connect_timeout=self._timeout_s,
             retry_on_timeout=False,
+            retry=Retry(NoBackoff(), 0),  # no hidden retries: a failed call falls back at once
         )
         self._take = self._client.register_script(_TAKE)
         self._acquire = self._client.register_script(_ACQUIRE)
@@ -205,6 +208,14 @@ class RedisState:
             or await self._call(lambda: client.set(key, value, px=int(ttl_s * 1000))) is None
         ):
             await self._local.cache_set(key, value, ttl_s)
+
+
+def stop_if_cancelled() -> None:
+    """Re-raise a cancellation that redis-py turned into an error or swallowed: without this, a
+    background task cancelled mid-command may never stop."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 def _safe(url: str) -> str:

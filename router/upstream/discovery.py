@@ -104,6 +104,7 @@ class Discovery:
                 worker = Worker(id=worker_id, url=url, pool=pool_name, discovered=True)
                 self._registry.add_worker(worker)
                 log.info("worker %s (%s) registered for %s", worker_id, url, pool_name)
+            worker.agent_id = worker_id
             worker.reported = _load(registration, load)
         for worker in list(pool.workers):
             if worker.discovered and worker.id not in records:

@@ -14,6 +14,7 @@ from router.config import GatewayConfig, PoolConfig
 from router.errors import ModelNotFound
 from router.routing.factory import build_policy
 from router.routing.policy import Policy
+from router.routing.precise_key import PreciseKeyer
 from router.upstream.worker import Health, Worker
 
 
@@ -23,6 +24,8 @@ class Pool:
     config: PoolConfig
     policy: Policy
     workers: list[Worker] = field(default_factory=list)
+    keyer: PreciseKeyer | None = None
+    """Tokenizer and block hashing of a pool in precise mode."""
 
     def candidates(self) -> list[Worker]:
         routable = [w for w in self.workers if w.routable]
@@ -61,12 +64,20 @@ class Registry:
                 old is not None
                 and old.config.policy == pool_config.policy
                 and old.config.index == pool_config.index
+                and old.config.precise == pool_config.precise
             ):
                 policy = old.policy
                 kept_policy.add(name)
             else:
-                policy = build_policy(name, pool_config.policy, pool_config.index, rng=self._rng)
-            pool = Pool(name=name, config=pool_config, policy=policy)
+                policy = build_policy(
+                    name, pool_config.policy, pool_config.index, self._rng, pool_config.precise
+                )
+            keyer = None
+            if pool_config.precise is not None:
+                same = old is not None and old.config.precise == pool_config.precise
+                keyer = old.keyer if same and old is not None else None
+                keyer = keyer or PreciseKeyer(pool_config.precise)
+            pool = Pool(name=name, config=pool_config, policy=policy, keyer=keyer)
             pools[name] = pool
             for model in (name, *pool_config.aliases):
                 by_model[model] = pool

@@ -1,6 +1,6 @@
 """HTTP face of the simulated vLLM worker: the aiohttp application and its handlers.
 
-``build_sim_app`` wires one worker from its config: word tokenizer, prefix cache, engine, metrics,
+``build_sim_app`` wires one worker from its config: tokenizer, prefix cache, engine, metrics,
 all stored under typed app keys (no global state), with the engine's single task started and
 stopped through ``cleanup_ctx``. Handlers speak vLLM's OpenAI API (completions and chat, streamed
 or not), ``/health``, ``/v1/models`` and ``/metrics``, plus two simulator-only endpoints:
@@ -33,7 +33,6 @@ from workers.sim.protocol import (
     DONE_EVENT,
     SSE_HEADERS,
     WORD_BYTES,
-    WORD_IDS,
     WORD_TEXT,
     Kind,
     ParsedRequest,
@@ -43,7 +42,7 @@ from workers.sim.protocol import (
     full_response,
     parse_request,
 )
-from workers.sim.tokenizer import WordTokenizer
+from workers.sim.tokenizer import OUTPUT_WORDS, PromptTokenizer, build_sim_tokenizer
 
 
 @dataclass(slots=True)
@@ -51,7 +50,9 @@ class SimState:
     """Everything one simulated worker owns."""
 
     config: SimConfig
-    tokenizer: WordTokenizer
+    tokenizer: PromptTokenizer
+    word_ids: tuple[int, ...]
+    """Token ids of the output vocabulary under the tokenizer (`protocol.WORD_IDS` for words)."""
     cache: PrefixCache
     engine: SimEngine
     metrics: SimMetrics
@@ -84,7 +85,7 @@ async def _serve(request: web.Request, kind: Kind) -> web.StreamResponse:
         req = engine.submit(
             parsed.request_id,
             parsed.prompt_ids,
-            [WORD_IDS[i] for i in words],
+            [state.word_ids[i] for i in words],
             parsed.cache_salt,
             stream_tokens=parsed.stream or fault is not None,  # faults strike at a token
         )
@@ -260,9 +261,11 @@ async def _run_engine(app: web.Application) -> AsyncIterator[None]:
 def build_sim_state(config: SimConfig) -> SimState:
     cache = PrefixCache(config.num_gpu_blocks, config.block_size)
     engine = SimEngine(config, cache)
+    tokenizer = build_sim_tokenizer(config)
     return SimState(
         config=config,
-        tokenizer=WordTokenizer(),
+        tokenizer=tokenizer,
+        word_ids=tuple(tokenizer.word_token_id(w) for w in OUTPUT_WORDS),
         cache=cache,
         engine=engine,
         metrics=SimMetrics(config, engine),

@@ -51,6 +51,14 @@ class SimConfig(BaseModel):
 
     seed: int = Field(default=0, description="seed of the generated words")
 
+    # Tokenization: the word tokenizer unless a real model's tokenizer.json is named.
+    tokenizer: str | None = Field(
+        default=None, description="tokenizer.json path (None: the deterministic word tokenizer)"
+    )
+    chat_template: str | None = Field(
+        default=None, description="Jinja2 chat template, path or text (needed with tokenizer)"
+    )
+
     # Fault injection at start (``--fault``); /sim/faults changes the script at run time.
     faults: tuple[FaultSpec, ...] = ()
     fault_seed: int = Field(default=0, description="seed of probabilistic faults' draws")
@@ -69,4 +77,6 @@ class SimConfig(BaseModel):
         if self.max_num_batched_tokens < self.max_num_seqs:
             # Every running sequence needs one token of budget per step to decode.
             raise ValueError("max_num_batched_tokens must be >= max_num_seqs")
+        if self.tokenizer is not None and self.chat_template is None:
+            raise ValueError("a tokenizer.json needs a chat_template")
         return self

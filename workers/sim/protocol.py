@@ -1,7 +1,8 @@
 """vLLM's OpenAI wire format as the simulated worker speaks it: parsing, SSE chunks, errors.
 
 Requests are parsed as leniently as vLLM parses them (unknown fields ignored, ``model`` optional)
-and turned into token ids with the word tokenizer. Responses follow ``reference/vllm-interface.md``
+and turned into token ids with the configured tokenizer (the word tokenizer unless a real one is
+configured). Responses follow ``reference/vllm-interface.md``
 §4.2-4.4 byte for byte where a client could tell the difference. Streaming is the hot path of the
 gateway benchmarks, so a request's chunk envelope is encoded once into a bytes prefix and suffix
 and every token chunk is three concatenated byte strings; generated words are plain ASCII, so they
@@ -21,7 +22,7 @@ from typing import Any, Literal
 from aiohttp import web
 
 from workers.sim.config import SimConfig
-from workers.sim.tokenizer import OUTPUT_WORDS, PromptError, WordTokenizer, render_chat
+from workers.sim.tokenizer import OUTPUT_WORDS, PromptError, PromptTokenizer
 
 Kind = Literal["chat", "completion"]
 
@@ -85,25 +86,11 @@ def _max_tokens(body: Mapping[str, Any], kind: Kind, default: int) -> int:
     return value
 
 
-def _completion_prompt(prompt: Any, tokenizer: WordTokenizer) -> list[int]:
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
-        prompt = prompt[0]  # a batch of one is the only batch the simulator serves
-    if isinstance(prompt, str):
-        return tokenizer.encode(prompt)
-    if isinstance(prompt, list) and all(
-        isinstance(t, int) and not isinstance(t, bool) for t in prompt
-    ):
-        return list(prompt)
-    raise bad_request(
-        "'prompt' must be a string, a list of token ids, or a list of one of those", "prompt"
-    )
-
-
 def parse_request(
     raw: bytes,
     kind: Kind,
     config: SimConfig,
-    tokenizer: WordTokenizer,
+    tokenizer: PromptTokenizer,
     header_request_id: str | None,
 ) -> ParsedRequest:
     """Validate a completions or chat body and tokenize its prompt; raises ``SimAPIError``."""
@@ -122,17 +109,9 @@ def parse_request(
             "model",
         )
     try:
-        if kind == "chat":
-            text = render_chat(
-                body.get("messages"),
-                tools=body.get("tools"),
-                add_generation_prompt=bool(body.get("add_generation_prompt", True)),
-            )
-            prompt_ids = tokenizer.encode(text)
-        else:
-            prompt_ids = _completion_prompt(body.get("prompt"), tokenizer)
+        prompt_ids = tokenizer.request_ids(body, chat=kind == "chat")
     except PromptError as exc:
-        raise bad_request(str(exc), "messages") from None
+        raise bad_request(str(exc), "messages" if kind == "chat" else "prompt") from None
     if not prompt_ids:
         raise bad_request("The decoder prompt cannot be empty", "prompt")
     max_tokens = _max_tokens(body, kind, config.default_max_tokens)

@@ -1,0 +1,212 @@
+"""Follows the workers' KV events in Redis into each precise pool's index.
+
+Agents mirror each worker's block set into Redis (`state.keys`: the `{p}kv:{model}` stream and
+the `{p}kvsnap:{id}` sets). For every pool in precise mode the follower builds its view the way
+keys.py prescribes: read the stream's last id first, then every registered worker's snapshot,
+then XREAD the stream from that id and apply each entry (stored, removed, cleared) to the pool's
+`PreciseIndex`. Entries name the agent's worker id; the gateway's worker is the discovered
+worker of that id, or the YAML worker the agent was matched to by URL (`Worker.agent_id`). A
+worker that joins the pool later (discovered, or its agent found) gets its snapshot loaded then,
+so entries skipped while nobody could map them are not lost. The follower rebuilds a pool's view
+when the pool's index is replaced (config reload), when it fell behind the stream's trimming,
+and after Redis failed: while Redis is down the index keeps the last view (and the gateway
+keeps routing on it), and when Redis answers again every view is rebuilt from the snapshots.
+It has its own connection, with timeouts long enough for a large snapshot (the request path's are
+short), and polls the stream rather than blocking in XREAD: a cancelled blocking read inside
+redis-py can swallow the cancellation, and a stop must always stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+from router.routing.precise_index import CLEARED, REMOVED, STORED, PreciseIndex
+from router.state.keys import Keys
+from router.state.redis_state import stop_if_cancelled
+from router.upstream.registry import Pool, Registry
+
+log = logging.getLogger("prefix_router.kv_follower")
+
+_COUNT = 1000  # entries per XREAD; a full reply means the follower may be lagging
+_POLL_S = 0.05  # between XREADs that found nothing; also the cadence of the new-worker check
+_RETRY_S = 0.5
+_OPS = (STORED, REMOVED, CLEARED)
+
+
+@dataclass
+class _View:
+    index: PreciseIndex
+    last_id: str
+    workers: set[str] = field(default_factory=set)
+    """Gateway worker ids whose snapshot this view has loaded (or that were present at resync)."""
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _id_key(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def _ints(raw: Sequence[Any] | bytes | str) -> list[int]:
+    items = raw.split() if isinstance(raw, bytes | str) else raw
+    out = []
+    for item in items:
+        try:
+            out.append(int(item))
+        except ValueError:
+            continue  # a malformed hash names no block of ours
+    return out
+
+
+class KVFollower:
+    def __init__(
+        self, registry: Registry, redis_url: str, keys: Keys, timeout_s: float = 1.0
+    ) -> None:
+        self._registry = registry
+        self._url = redis_url
+        self._keys = keys
+        self._timeout_s = timeout_s
+        self._views: dict[str, _View] = {}
+        self.resyncs = 0
+        """How many pool views were rebuilt from snapshots (for tests and logs)."""
+
+    async def run(self) -> None:
+        client = aioredis.Redis.from_url(
+            self._url,
+            socket_timeout=self._timeout_s,
+            socket_connect_timeout=self._timeout_s,
+            retry=Retry(NoBackoff(), 0),  # no hidden retries: the loop retries, and logs it
+        )
+        down = False
+        try:
+            while True:
+                try:
+                    busy = await self._step(client)
+                except (RedisError, OSError, TimeoutError) as exc:
+                    stop_if_cancelled()
+                    if not down:
+                        log.warning("KV events unavailable (%s): routing on the last view", exc)
+                        down = True
+                    self._views.clear()  # rebuild from snapshots once Redis answers
+                    await asyncio.sleep(_RETRY_S)  # the retry cadence during an outage
+                    continue
+                stop_if_cancelled()
+                if down:
+                    log.info("KV events followed again; views rebuilt from snapshots")
+                    down = False
+                if not busy:
+                    await asyncio.sleep(_POLL_S)  # the polling cadence
+        finally:
+            try:
+                async with asyncio.timeout(1.0):
+                    await client.aclose()
+            except (RedisError, OSError, TimeoutError):
+                pass
+
+    def _precise_pools(self) -> dict[str, tuple[Pool, PreciseIndex]]:
+        found = {}
+        for name, pool in self._registry.pools.items():
+            index = getattr(pool.policy, "precise", None)
+            if isinstance(index, PreciseIndex):
+                found[name] = (pool, index)
+        return found
+
+    @staticmethod
+    def _mapping(pool: Pool) -> dict[str, str]:
+        """Agent id -> the gateway's worker id, for the pool's current workers."""
+        mapping = {w.id: w.id for w in pool.workers if w.discovered}
+        for w in pool.workers:
+            if w.agent_id is not None:
+                mapping[w.agent_id] = w.id
+        return mapping
+
+    async def _step(self, client: aioredis.Redis) -> bool:
+        """One round: (re)build views as needed, then read and apply one batch of entries;
+        whether it found any."""
+        pools = self._precise_pools()
+        for name in [n for n in self._views if n not in pools]:
+            del self._views[name]
+        if not pools:
+            return False  # nothing to follow (until a reload adds a precise pool)
+        for name, (pool, index) in pools.items():
+            view = self._views.get(name)
+            if view is None or view.index is not index:
+                await self._resync(client, name, pool, index)
+            else:
+                await self._load_new_workers(client, pool, view)
+        streams: Any = {self._keys.kv_stream(n): v.last_id for n, v in self._views.items()}
+        replies: Any = await client.xread(streams, count=_COUNT)
+        prefix_len = len(self._keys.kv_stream(""))
+        for stream, entries in replies or []:
+            name = _text(stream)[prefix_len:]
+            view = self._views.get(name)
+            if view is None or name not in pools:
+                continue
+            mapping = self._mapping(pools[name][0])
+            for entry_id, fields in entries:
+                view.last_id = _text(entry_id)
+                self._apply(view.index, mapping, fields)
+            if len(entries) >= _COUNT and await self._trimmed_past(client, name, view):
+                log.warning("KV follower of %s fell behind the stream's trimming", name)
+                await self._resync(client, name, *pools[name])
+        return bool(replies)
+
+    def _apply(self, index: PreciseIndex, mapping: dict[str, str], fields: Any) -> None:
+        agent = fields.get(b"worker")
+        op = _text(fields.get(b"op", b""))
+        worker_id = mapping.get(_text(agent)) if agent is not None else None
+        if worker_id is None or op not in _OPS:
+            return  # an agent of no current worker: its snapshot is loaded when it joins
+        index.apply(worker_id, op, _ints(fields.get(b"hashes", b"")))
+
+    async def _trimmed_past(self, client: aioredis.Redis, name: str, view: _View) -> bool:
+        first: Any = await client.xrange(self._keys.kv_stream(name), count=1)
+        return bool(first) and _id_key(_text(first[0][0])) > _id_key(view.last_id)
+
+    async def _resync(
+        self, client: aioredis.Redis, name: str, pool: Pool, index: PreciseIndex
+    ) -> None:
+        stream = self._keys.kv_stream(name)
+        # The stream's position first, then the snapshots: entries after it that a snapshot
+        # already reflects are set operations, so replaying them changes nothing.
+        newest: Any = await client.xrevrange(stream, count=1)
+        last_id = _text(newest[0][0]) if newest else "0-0"
+        mapping = self._mapping(pool)
+        snapshots = await self._snapshots(client, list(mapping))
+        index.reset_confirmed()
+        for agent, hashes in snapshots.items():
+            index.load_snapshot(mapping[agent], hashes)
+        self._views[name] = _View(index, last_id, set(mapping.values()))
+        self.resyncs += 1
+
+    async def _load_new_workers(self, client: aioredis.Redis, pool: Pool, view: _View) -> None:
+        mapping = self._mapping(pool)
+        new = {agent: wid for agent, wid in mapping.items() if wid not in view.workers}
+        view.workers &= set(mapping.values())  # a worker that left and returns is new again
+        if not new:
+            return
+        snapshots = await self._snapshots(client, list(new))
+        for agent, hashes in snapshots.items():
+            view.index.load_snapshot(new[agent], hashes)
+        view.workers.update(new.values())
+
+    async def _snapshots(self, client: aioredis.Redis, agents: list[str]) -> dict[str, list[int]]:
+        if not agents:
+            return {}
+        pipe = client.pipeline(transaction=False)
+        for agent in agents:
+            pipe.smembers(self._keys.kv_snapshot(agent))
+        replies = await pipe.execute()
+        return {agent: _ints(list(members)) for agent, members in zip(agents, replies, strict=True)}
