@@ -127,6 +127,13 @@ class HybridPolicy(Strict):
     session_margin_s: float = Field(
         0.05, ge=0, description="a session stays on its worker while within this of the best"
     )
+    affinity_margin_s: float = Field(
+        0.1,
+        ge=0,
+        description="for requests without a session: among workers within this of the best "
+        "estimate, the one holding the most of the prompt wins (a copy of a prefix elsewhere "
+        "costs cache space the estimate omits)",
+    )
     session_max_entries: int = Field(
         100_000, ge=1, description="sessions remembered in memory; least recently used go first"
     )

@@ -82,6 +82,24 @@ class HybridCost:
         costs = [ttft(w, prompt_tokens - c) for w, c in zip(candidates, cached, strict=True)]
         return Estimate([], cached, costs)  # no approximate keys: events tell other replicas
 
+    def _affine(self, cached: list[int], costs: list[float], best: float) -> int:
+        """The worker holding the most of the prompt, if its estimate is near the best.
+
+        A near tie between a worker holding the prefix and a cold one (typically while the
+        holder is still computing that prefix for an earlier request) is no tie: the cold
+        choice makes a second copy of the prefix, costing cache space elsewhere. Only for
+        requests without a session: a session's first turn places all its later turns, so
+        there spreading load (the estimate's balance term) must keep its full weight.
+        Returns -1 when nobody near the best holds anything."""
+        near = [i for i, cost in enumerate(costs) if cost <= best + self._config.affinity_margin_s]
+        most = max(cached[i] for i in near)
+        if most <= 0:
+            return -1
+        holders = [i for i in near if cached[i] == most]
+        low = min(costs[i] for i in holders)
+        holders = [i for i in holders if costs[i] <= low + _TIE_S]
+        return holders[0] if len(holders) == 1 else self._rng.choice(holders)
+
     def pick(self, request: RoutingRequest, candidates: Sequence[Worker]) -> Decision:
         keys, cached, costs = self.estimate(request, candidates)
         precise = self.precise if request.block_hashes is not None else None
@@ -97,6 +115,9 @@ class HybridCost:
                     if w.id == sticky_id and costs[i] <= best + self._config.session_margin_s:
                         chosen, reason = i, "sticky"
                         break
+        if chosen < 0 and session_id is None:
+            chosen = self._affine(cached, costs, best)
+            reason = "prefix_hit" if chosen >= 0 else ""
         if chosen < 0:
             ties = [i for i, cost in enumerate(costs) if cost <= best + _TIE_S]
             if len(ties) > 1:

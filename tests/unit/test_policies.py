@@ -222,3 +222,28 @@ def test_factory_builds_each_policy() -> None:
         )
     }
     assert names == {"round_robin", "least_load", "consistent_hash", "prefix", "hybrid"}
+
+
+def test_hybrid_keeps_a_sessionless_near_tie_on_the_prefix_holder() -> None:
+    from router.config import HybridPolicy, IndexConfig
+    from router.routing.hybrid import HybridCost
+    from router.routing.policy import RoutingRequest
+    from router.upstream.worker import Health, Worker
+
+    policy = HybridCost(HybridPolicy(), IndexConfig(), rng=random.Random(3))
+    workers = [
+        Worker(id=f"w{i}", url=f"http://w{i}", pool="m", health=Health.HEALTHY) for i in range(3)
+    ]
+    key = "system prompt shared by many requests " * 60
+    first = policy.pick(RoutingRequest("m", key, len(key) // 4, 16), workers)
+    holder = first.worker
+    # The holder is still computing that prefix for the first request: by the estimate alone a
+    # cold worker is about as fast, but it would make a second copy of the prefix.
+    holder.in_flight, holder.prefill_backlog_tokens = 1, len(key) // 4
+    follow = policy.pick(
+        RoutingRequest("m", key + " and a question", len(key) // 4 + 4, 16), workers
+    )
+    assert follow.worker is holder and follow.reason == "prefix_hit"
+    # With a session the request places its later turns too: the faster cold worker wins.
+    with_session = RoutingRequest("m", key + " q", len(key) // 4 + 4, 16, session_id="s1")
+    assert policy.pick(with_session, workers).worker is not holder
