@@ -24,7 +24,8 @@ from router.result_cache import ResultCache
 from router.state.backend import StateBackend
 from router.state.fleet_sync import FleetSync
 from router.stats import Stats
-from router.upstream.proxy import CallResult, Proxy
+from router.upstream.call import CallResult
+from router.upstream.proxy import Proxy
 from router.upstream.registry import Registry
 
 log = logging.getLogger("prefix_router")

@@ -22,7 +22,7 @@ from router.errors import (
     PayloadTooLarge,
 )
 from router.http.context import REQUEST_ID, TENANT, access_of, new_request_id, state_of
-from router.upstream.proxy import CallResult
+from router.upstream.call import CallResult
 
 log = logging.getLogger("prefix_router.http")
 access_log = logging.getLogger("prefix_router.access")

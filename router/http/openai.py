@@ -29,7 +29,7 @@ from router.result_cache import (
 )
 from router.routing.key import estimate_prompt_tokens, routing_key
 from router.routing.policy import Decision, RoutingRequest
-from router.upstream.proxy import CallResult, UpstreamCall
+from router.upstream.call import CallResult, UpstreamCall
 from router.upstream.registry import Pool
 
 _PATHS: dict[Kind, str] = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}

@@ -16,7 +16,6 @@ import logging
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from aiohttp import web
 
@@ -24,53 +23,16 @@ from router.config import RetryConfig, TimeoutsConfig
 from router.errors import GatewayError, NoCapacity, UpstreamFailed, UpstreamTimeout
 from router.metrics import GatewayMetrics
 from router.routing.policy import Decision, Outcome, RoutingRequest
+from router.upstream.call import CallResult, UpstreamCall
 from router.upstream.http1 import Connection, Head, UpstreamClient, format_request
 from router.upstream.outlier import OutlierDetector
-from router.upstream.registry import Pool
-from router.upstream.sse import DONE, EVENT_END, Usage, error_event, split_usage_event, usage_from
+from router.upstream.sse import DONE, EVENT_END, error_event, split_usage_event, usage_from
 from router.upstream.worker import Worker
 
 log = logging.getLogger("prefix_router.proxy")
 
 RETRYABLE_STATUSES = frozenset({502, 503, 504})
 _JSON = "application/json"
-
-
-@dataclass(slots=True)
-class UpstreamCall:
-    """Everything the relay needs about one client request."""
-
-    pool: Pool
-    routing: RoutingRequest
-    path: str
-    body: bytes
-    stream: bool
-    request_id: str
-    client_wants_usage: bool = True
-    debug_headers: bool = False
-    extra_headers: dict[str, str] | None = None
-    # Rewrites each block of complete events before it reaches the client (the seed API's
-    # event shape); usage and [DONE] are read from the upstream bytes before it runs.
-    transform: Callable[[bytes], bytes] | None = None
-    on_decision: Callable[[Decision], None] | None = None
-    """Called once per routing decision, before the request is sent (to share it)."""
-
-
-@dataclass(slots=True)
-class CallResult:
-    """What the access log and metrics learn once a call ended."""
-
-    status: int = 0
-    worker: Worker | None = None
-    decision: Decision | None = None
-    attempts: int = 0
-    ttft_s: float | None = None
-    usage: Usage | None = None
-    stream_broken: bool = False
-    # perf_counter stamps and the worker's own wait, for the gateway-overhead metric.
-    sent_at: float = 0.0
-    upstream_ttfb_s: float | None = None
-    first_write_at: float = 0.0
 
 
 class _Retryable(Exception):
