@@ -23,7 +23,6 @@ import sys
 import tempfile
 from typing import Any
 
-import aiohttp
 import redis.asyncio as aioredis
 import uvloop
 import yaml
@@ -32,6 +31,7 @@ from loadtest.intrinsic import ChatTokens, intrinsic_reuse
 from loadtest.procs import (
     Fleet,
     Proc,
+    call_all,
     free_port,
     start_gateway_process,
     start_redis,
@@ -122,17 +122,6 @@ def gateway_yaml(mode: str, sims: list[Proc], redis_url: str, capacity: int) -> 
     }
 
 
-async def _sims_call(sims: list[Proc], method: str, path: str) -> list[dict[str, Any]]:
-    async with aiohttp.ClientSession() as session:
-
-        async def one(sim: Proc) -> dict[str, Any]:
-            async with session.request(method, sim.url + path) as resp:
-                data: dict[str, Any] = await resp.json()
-                return data
-
-        return list(await asyncio.gather(*(one(s) for s in sims)))
-
-
 async def evicted_blocks(redis_url: str, since: str | None) -> tuple[int, str]:
     """Blocks the workers reported removed (evictions) after stream id `since`, and the
     stream's last id."""
@@ -149,7 +138,7 @@ async def evicted_blocks(redis_url: str, since: str | None) -> tuple[int, str]:
 async def run_mode(
     mode: str, sims: list[Proc], redis_url: str, capacity: int, workload: Workload
 ) -> dict[str, Any]:
-    await _sims_call(sims, "POST", "/sim/reset")  # each agent forwards the AllBlocksCleared
+    await call_all(sims, "POST", "/sim/reset")  # each agent forwards the AllBlocksCleared
     _, start_id = await evicted_blocks(redis_url, None)
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
         yaml.safe_dump(gateway_yaml(mode, sims, redis_url, capacity), f)
@@ -158,7 +147,7 @@ async def run_mode(
         await wait_ready(gateway.url, "/ready")
         await asyncio.sleep(2.0)  # every worker probed healthy and the follower caught up
         result = await replay(gateway.url, MODEL, workload)
-        counters = await _sims_call(sims, "GET", "/sim/counters")
+        counters = await call_all(sims, "GET", "/sim/counters")
         evicted, _ = await evicted_blocks(redis_url, start_id)
     finally:
         gateway.stop()

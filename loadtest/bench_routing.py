@@ -32,6 +32,7 @@ from loadtest.intrinsic import ChatTokens, intrinsic_reuse
 from loadtest.procs import (
     Fleet,
     Proc,
+    call_all,
     cpu_seconds,
     start_gateway_process,
     start_redis,
@@ -144,17 +145,6 @@ async def _all_healthy(url: str, count: int, timeout_s: float = 30.0) -> None:
     raise RuntimeError(f"gateway {url} did not see {count} healthy workers in {timeout_s}s")
 
 
-async def _sims_call(sims: list[Proc], method: str, path: str) -> list[dict[str, Any]]:
-    async with aiohttp.ClientSession() as session:
-
-        async def one(sim: Proc) -> dict[str, Any]:
-            async with session.request(method, sim.url + path) as resp:
-                data: dict[str, Any] = await resp.json()
-                return data
-
-        return list(await asyncio.gather(*(one(s) for s in sims)))
-
-
 async def _decision_reasons(url: str) -> dict[str, float]:
     async with aiohttp.ClientSession() as session, session.get(url + "/metrics") as resp:
         text = await resp.text()
@@ -175,7 +165,7 @@ async def run_policy(
     replicas: int = 1,
     redis_url: str | None = None,
 ) -> dict[str, Any]:
-    await _sims_call(sims, "POST", "/sim/reset")
+    await call_all(sims, "POST", "/sim/reset")
     if redis_url is not None:
         await _flush(redis_url)
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
@@ -191,7 +181,7 @@ async def run_policy(
         result = await replay([g.url for g in gateways], MODEL, workload)
         cpu = sum(cpu_seconds(p) for p in pids) + time.process_time() - cpu0
         busy1, total1 = machine_busy_s()
-        counters = await _sims_call(sims, "GET", "/sim/counters")
+        counters = await call_all(sims, "GET", "/sim/counters")
         reasons: dict[str, float] = {}
         for gateway in gateways:
             for reason, count in (await _decision_reasons(gateway.url)).items():

@@ -17,6 +17,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 
@@ -143,3 +144,15 @@ async def wait_ready(url: str, path: str, timeout_s: float = 30.0) -> None:
                 pass
             await asyncio.sleep(0.05)
     raise RuntimeError(f"{url}{path} not ready within {timeout_s}s")
+
+
+async def call_all(procs: list[Proc], method: str, path: str) -> list[dict[str, Any]]:
+    """The same JSON call on every process at once (e.g. the sims' counters or reset)."""
+    async with aiohttp.ClientSession() as session:
+
+        async def one(proc: Proc) -> dict[str, Any]:
+            async with session.request(method, proc.url + path) as resp:
+                data: dict[str, Any] = await resp.json()
+                return data
+
+        return list(await asyncio.gather(*(one(p) for p in procs)))
