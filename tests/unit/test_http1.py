@@ -10,6 +10,7 @@ import pytest
 
 from router.upstream.http1 import UpstreamClient, UpstreamProtocolError, format_request
 
+
 async def _serve(pieces: list[bytes], close_after: bool = False) -> tuple[asyncio.Server, str]:
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.readuntil(b"\r\n\r\n")
