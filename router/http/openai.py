@@ -245,8 +245,13 @@ def _upstream_call(
         options = body.get("stream_options")
         client_wants_usage = isinstance(options, dict) and options.get("include_usage") is True
         if not client_wants_usage:
-            body["stream_options"] = {**(options or {}), "include_usage": True}
-            splice_usage = options is None
+            # Splice only when the key is absent: a `"stream_options": null` later in the raw
+            # body would override a spliced one, so that case is re-serialized instead.
+            splice_usage = "stream_options" not in body
+            body["stream_options"] = {
+                **(options if isinstance(options, dict) else {}),
+                "include_usage": True,
+            }
             changed = changed or not splice_usage
     if changed or raw is None:
         payload = json.dumps(body).encode()

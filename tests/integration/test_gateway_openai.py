@@ -205,3 +205,20 @@ async def test_unreachable_upstream_is_503_with_retry_after(
         assert resp.status == 503
         assert int(resp.headers["Retry-After"]) >= 1
         _error_of(await resp.json())
+
+
+async def test_stream_options_null_still_gets_usage_upstream(
+    sims: SimFactory, gateway: GatewayFactory, http: aiohttp.ClientSession
+) -> None:
+    workers = await sims(1)
+    url = await gateway(gateway_config([w.url for w in workers]))
+    body = chat_body(stream=True, stream_options=None)
+    async with http.post(url + "/v1/chat/completions", json=body) as resp:
+        events, done = await read_events(resp)
+    assert done and all(e.get("choices") != [] for e in events)  # not shown to the client...
+    async with http.get(url + "/metrics") as resp:
+        text = await resp.text()
+    completion = [
+        ln for ln in text.splitlines() if ln.startswith("prefix_router_completion_tokens_total{")
+    ]
+    assert completion and float(completion[0].rsplit(" ", 1)[1]) == 8  # ...but counted
