@@ -123,6 +123,8 @@ async def _upstream_client(app: web.Application) -> AsyncIterator[None]:
     state.session = session
     outlier = OutlierDetector(state.registry, state.config.outlier, state.metrics)
     client = UpstreamClient()
+    # A worker that left keeps no idle connections open.
+    state.registry.on_remove.append(lambda worker: client.forget(worker.url))
     state.proxy = Proxy(client, state.config.timeouts, state.config.retries, outlier, state.metrics)
     yield
     client.close()
@@ -134,6 +136,7 @@ async def _background_tasks(app: web.Application) -> AsyncIterator[None]:
     assert state.session is not None
     checker = HealthChecker(state.registry, state.session, state.config.health, state.metrics)
     checker.on_change.append(lambda _worker: state.admission.kick_all())
+    state.registry.on_remove.append(lambda worker: checker.forget(worker.id))
     state.on_reload.append(lambda config: checker.reconfigure(config.health))
     scraper = LoadScraper(state.registry, state.session, state.config.load_scrape)
     state.on_reload.append(lambda config: scraper.reconfigure(config.load_scrape))

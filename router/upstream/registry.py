@@ -7,7 +7,7 @@ discovered workers (agents registering through Redis) are added and removed at r
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from router.config import GatewayConfig, PoolConfig
@@ -44,6 +44,8 @@ class Registry:
         self._pools: dict[str, Pool] = {}
         self._by_model: dict[str, Pool] = {}
         self._workers: dict[str, Worker] = {}
+        self.on_remove: list[Callable[[Worker], None]] = []
+        """Called once for every worker that leaves (reload or lapsed registration)."""
         self.apply(config)
 
     def apply(self, config: GatewayConfig) -> list[Worker]:
@@ -101,6 +103,8 @@ class Registry:
             if worker.pool in kept_policy:
                 pools[worker.pool].policy.forget_worker(worker)
         self._pools, self._by_model, self._workers = pools, by_model, workers
+        for worker in gone:
+            self._left(worker)
         return gone
 
     @property
@@ -131,6 +135,11 @@ class Registry:
         pool = self._pools[worker.pool]
         pool.workers.remove(worker)
         pool.policy.forget_worker(worker)
+        self._left(worker)
+
+    def _left(self, worker: Worker) -> None:
+        for callback in self.on_remove:
+            callback(worker)
 
     def worker(self, worker_id: str) -> Worker | None:
         return self._workers.get(worker_id)
