@@ -9,14 +9,21 @@ tokenizer cannot render (the worker will answer 400 anyway) routes on the approx
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from router.config import PreciseConfig
-from router.vllm_wire.block_hash import block_hashes, to_event_int
+from router.vllm_wire.block_hash import (
+    block_extra_keys,
+    hash_block_tokens,
+    none_hash,
+    to_event_int,
+)
 from router.vllm_wire.prompt_tokens import PromptTokenizer, build_prompt_tokenizer
 from router.vllm_wire.word_tokenizer import PromptError
+
+_MEMO_ENTRIES = 200_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +40,7 @@ class PreciseKeyer:
         self.tokenizer: PromptTokenizer = build_prompt_tokenizer(
             config.tokenizer, config.chat_template, config.bos_token, config.eos_token
         )
+        self._memo: dict[tuple[bytes, tuple[int, ...], Any], tuple[bytes, int]] = {}
 
     def key(self, body: Mapping[str, Any], chat: bool) -> PreciseKey | None:
         try:
@@ -40,12 +48,30 @@ class PreciseKeyer:
         except PromptError:
             return None
         salt = body.get("cache_salt")
-        cfg = self.config
-        digests = block_hashes(
-            tokens,
-            cfg.block_size,
-            cfg.hash_algo,
-            cfg.hash_seed,
-            salt if isinstance(salt, str) and salt else None,
+        return PreciseKey(
+            len(tokens), self._hashes(tokens, salt if isinstance(salt, str) and salt else None)
         )
-        return PreciseKey(len(tokens), [to_event_int(d) for d in digests])
+
+    def _hashes(self, tokens: Sequence[int], salt: str | None) -> list[int]:
+        """vLLM's chained block hashes, memoized per (parent, block): the prompts of one fleet
+        share long prefixes (system prompts, earlier turns), and a dict hit costs a fraction of
+        a SHA-256 over a pickled block."""
+        cfg = self.config
+        size = cfg.block_size
+        toks = tuple(tokens)
+        memo = self._memo
+        if len(memo) > _MEMO_ENTRIES:
+            memo.clear()  # crude but bounded; a busy fleet refills the hot prefixes at once
+        parent = none_hash(cfg.hash_algo, cfg.hash_seed)
+        out: list[int] = []
+        for index, start in enumerate(range(0, len(toks) - size + 1, size)):
+            block = toks[start : start + size]
+            extra = block_extra_keys(0, salt) if index == 0 else None
+            memo_key = (parent, block, extra)
+            found = memo.get(memo_key)
+            if found is None:
+                digest = hash_block_tokens(parent, block, extra, cfg.hash_algo)
+                found = memo[memo_key] = (digest, to_event_int(digest))
+            parent = found[0]
+            out.append(found[1])
+        return out

@@ -131,3 +131,21 @@ def test_hybrid_routes_on_the_precise_index_and_speculates_its_pick() -> None:
     assert index.match(hashes) == {"b": 20}  # the pick speculated the rest of the prompt
     policy.forget_worker(workers[1])
     assert index.match(hashes) == {}
+
+
+def test_memoized_block_hashes_equal_the_plain_chain() -> None:
+    import random
+
+    from router.config import PreciseConfig
+    from router.routing.precise_key import PreciseKeyer
+    from router.vllm_wire.block_hash import block_hashes, to_event_int
+
+    rng = random.Random(5)
+    for algo in ("sha256", "sha256_cbor"):
+        keyer = PreciseKeyer(PreciseConfig(tokenizer="word", hash_algo=algo))
+        for salt in (None, "tenant-a"):
+            for n in (0, 15, 16, 33, 400):
+                tokens = [rng.randrange(50_000) for _ in range(n)]
+                plain = [to_event_int(d) for d in block_hashes(tokens, 16, algo, cache_salt=salt)]
+                assert keyer._hashes(tokens, salt) == plain  # computed
+                assert keyer._hashes(tokens, salt) == plain  # from the memo
