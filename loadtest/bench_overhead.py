@@ -12,14 +12,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 
 import aiohttp
 import uvloop
-import yaml
 
 from loadtest.procs import Fleet, cpu_seconds, start_gateway_process, start_sim, wait_ready
 from loadtest.stats import percentile, print_table, write_json
@@ -111,12 +108,9 @@ async def _main(args: argparse.Namespace) -> int:
                 "auth": {"enabled": False},
                 "pools": {MODEL: {"workers": [{"url": sim.url}], "policy": {"name": args.policy}}},
             }
-            with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
-                yaml.safe_dump(config, f)
-            gateway = start_gateway_process(f.name)
+            gateway = start_gateway_process(config)
             fleet.procs.append(gateway)
             await wait_ready(gateway.url, "/ready")
-            os.unlink(f.name)
             gateway_url, direct_url, gateway_pid = gateway.url, sim.url, gateway.pid
         rows = []
         results = []

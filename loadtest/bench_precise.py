@@ -20,12 +20,10 @@ import dataclasses
 import os
 import subprocess
 import sys
-import tempfile
 from typing import Any
 
 import redis.asyncio as aioredis
 import uvloop
-import yaml
 
 from loadtest.intrinsic import ChatTokens, intrinsic_reuse
 from loadtest.procs import (
@@ -39,7 +37,7 @@ from loadtest.procs import (
     wait_ready,
 )
 from loadtest.replay import Replay, replay
-from loadtest.stats import percentile, print_table, write_json
+from loadtest.stats import imbalance, percentile, print_table, write_json
 from loadtest.workloads import (
     MultiturnSpec,
     SharedSpec,
@@ -140,9 +138,7 @@ async def run_mode(
 ) -> dict[str, Any]:
     await call_all(sims, "POST", "/sim/reset")  # each agent forwards the AllBlocksCleared
     _, start_id = await evicted_blocks(redis_url, None)
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
-        yaml.safe_dump(gateway_yaml(mode, sims, redis_url, capacity), f)
-    gateway = start_gateway_process(f.name)
+    gateway = start_gateway_process(gateway_yaml(mode, sims, redis_url, capacity))
     try:
         await wait_ready(gateway.url, "/ready")
         await asyncio.sleep(2.0)  # every worker probed healthy and the follower caught up
@@ -151,7 +147,6 @@ async def run_mode(
         evicted, _ = await evicted_blocks(redis_url, start_id)
     finally:
         gateway.stop()
-        os.unlink(f.name)
     row = summarize(mode, result, counters)
     row["evicted_blocks"] = evicted
     return row
@@ -167,7 +162,6 @@ def summarize(mode: str, result: Replay, counters: list[dict[str, Any]]) -> dict
         [(tokens.prompt(r.messages), tokens.answer(r.answer)) for r in ok]
     )
     per_worker = [c["requests"] for c in counters]
-    mean = sum(per_worker) / len(per_worker) if per_worker else 0.0
     return {
         "mode": mode,
         "requests": len(result.records),
@@ -176,7 +170,7 @@ def summarize(mode: str, result: Replay, counters: list[dict[str, Any]]) -> dict
         "intrinsic": hits / total if total else 0.0,
         "ttft_p50_ms": percentile(ttft, 50) * 1000,
         "ttft_p99_ms": percentile(ttft, 99) * 1000,
-        "imbalance": max(per_worker) / mean if mean else 0.0,
+        "imbalance": imbalance(per_worker),
         "elapsed_s": result.elapsed_s,
         "start_lag_p99_ms": percentile(result.lag_s, 99) * 1000,
     }

@@ -18,14 +18,12 @@ import argparse
 import asyncio
 import dataclasses
 import os
-import tempfile
 import time
 from typing import Any
 
 import aiohttp
 import redis.asyncio as aioredis
 import uvloop
-import yaml
 
 from loadtest.chart import write_chart
 from loadtest.intrinsic import ChatTokens, intrinsic_reuse
@@ -40,7 +38,7 @@ from loadtest.procs import (
     wait_ready,
 )
 from loadtest.replay import Replay, replay
-from loadtest.stats import percentile, print_table, write_json
+from loadtest.stats import imbalance, percentile, print_table, write_json
 from loadtest.workloads import (
     MixedSpec,
     MultiturnSpec,
@@ -168,9 +166,8 @@ async def run_policy(
     await call_all(sims, "POST", "/sim/reset")
     if redis_url is not None:
         await _flush(redis_url)
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
-        yaml.safe_dump(_gateway_config(sims, policy, capacity, redis_url), f)
-    gateways = [start_gateway_process(f.name) for _ in range(replicas)]
+    config = _gateway_config(sims, policy, capacity, redis_url)
+    gateways = [start_gateway_process(config) for _ in range(replicas)]
     try:
         for gateway in gateways:
             await wait_ready(gateway.url, "/ready")
@@ -189,7 +186,6 @@ async def run_policy(
     finally:
         for gateway in gateways:
             gateway.stop()
-        os.unlink(f.name)
     row = _summarize(policy, result, counters, reasons, cpu)
     row["machine_busy"] = (busy1 - busy0) / (total1 - total0) if total1 > total0 else 0.0
     return row
@@ -208,7 +204,6 @@ def _summarize(
     prompt = sum(c["prompt_tokens"] for c in counters)
     cached = sum(c["cached_tokens"] for c in counters)
     per_worker = [c["requests"] for c in counters]
-    mean = sum(per_worker) / len(per_worker)
     tokens = ChatTokens()
     served = [(tokens.prompt(r.messages), tokens.answer(r.answer)) for r in ok]
     intrinsic_hits, intrinsic_total = intrinsic_reuse(served)
@@ -225,7 +220,7 @@ def _summarize(
         "e2e_p50_ms": percentile(e2e, 50) * 1000,
         "e2e_p99_ms": percentile(e2e, 99) * 1000,
         "output_tok_s": sum(r.output_tokens for r in ok) / result.elapsed_s,
-        "imbalance": max(per_worker) / mean if mean else 0.0,
+        "imbalance": imbalance(per_worker),
         "per_worker_requests": per_worker,
         "cpu_share": cpu_s / (result.elapsed_s * (os.cpu_count() or 1)),
         "start_lag_p99_ms": percentile(result.lag_s, 99) * 1000,

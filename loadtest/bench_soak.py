@@ -11,16 +11,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
 import signal
-import tempfile
 import time
 from collections import Counter
 
 import aiohttp
 import uvloop
-import yaml
 
 from loadtest.procs import Fleet, Proc, start_gateway_process, start_sim, wait_ready
 from loadtest.stats import print_table, write_json
@@ -120,12 +117,9 @@ async def _main(args: argparse.Namespace) -> int:
             "timeouts": {"connect_s": 1, "first_byte_s": 3, "idle_s": 3, "total_s": 60},
             "pools": {MODEL: {"workers": [{"url": s.url} for s in sims]}},
         }
-        with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
-            yaml.safe_dump(config, f)
-        gateway = start_gateway_process(f.name)
+        gateway = start_gateway_process(config)
         fleet.procs.append(gateway)
         await wait_ready(gateway.url, "/ready")
-        os.unlink(f.name)
 
         outcomes: Counter[str] = Counter()
         stop = asyncio.Event()

@@ -7,6 +7,7 @@ the load generator does not share its event loop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.util
 import os
 import shutil
@@ -14,12 +15,14 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import yaml
 
 
 def free_port() -> int:
@@ -89,6 +92,8 @@ class Proc:
     url: str
     popen: subprocess.Popen[bytes]
     log_path: str = ""
+    files: list[str] = field(default_factory=list)
+    """Files that live as long as the process (its config)."""
 
     @property
     def pid(self) -> int:
@@ -102,6 +107,9 @@ class Proc:
             except subprocess.TimeoutExpired:
                 self.popen.kill()
                 self.popen.wait()
+        for path in self.files:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
 
 
 @dataclass
@@ -126,10 +134,16 @@ def start_sim(model: str, extra: list[str] | None = None, port: int | None = Non
     return _spawn(args + (extra or []), f"http://127.0.0.1:{port}", f"sim{port}")
 
 
-def start_gateway_process(config_path: str) -> Proc:
+def start_gateway_process(config: dict[str, Any]) -> Proc:
+    """`prefix-router serve` on a free port with this routing config (written to a file the
+    process owns until it stops)."""
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+        yaml.safe_dump(config, f)
     port = free_port()
-    args = [sys.executable, "-m", "router", "serve", "--config", config_path, "--port", str(port)]
-    return _spawn(args, f"http://127.0.0.1:{port}", f"gw{port}")
+    args = [sys.executable, "-m", "router", "serve", "--config", f.name, "--port", str(port)]
+    proc = _spawn(args, f"http://127.0.0.1:{port}", f"gw{port}")
+    proc.files.append(f.name)
+    return proc
 
 
 async def wait_ready(url: str, path: str, timeout_s: float = 30.0) -> None:

@@ -16,6 +16,12 @@ def percentile(values: Sequence[float], q: float) -> float:
     return ordered[rank]
 
 
+def imbalance(per_worker: Sequence[float]) -> float:
+    """Load imbalance: max over mean requests per worker (1.0 is perfectly even)."""
+    mean = sum(per_worker) / len(per_worker) if per_worker else 0.0
+    return max(per_worker) / mean if mean else 0.0
+
+
 def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
     cells = [[str(h) for h in headers]] + [[_fmt(c) for c in row] for row in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]

@@ -248,6 +248,3 @@ class GatewayMetrics:
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
-
-def health_label(health: Health) -> str:
-    return health.value

@@ -79,8 +79,6 @@ class KVFollower:
         self._keys = keys
         self._timeout_s = timeout_s
         self._views: dict[str, _View] = {}
-        self.resyncs = 0
-        """How many pool views were rebuilt from snapshots (for tests and logs)."""
 
     async def run(self) -> None:
         client = aioredis.Redis.from_url(
@@ -189,7 +187,6 @@ class KVFollower:
         for agent, hashes in snapshots.items():
             index.load_snapshot(mapping[agent], hashes)
         self._views[name] = _View(index, last_id, set(mapping.values()))
-        self.resyncs += 1
 
     async def _load_new_workers(self, client: aioredis.Redis, pool: Pool, view: _View) -> None:
         mapping = self._mapping(pool)

@@ -41,14 +41,13 @@ class MemoryState:
         self,
         max_entries: int = 100_000,
         max_cache_entries: int = 4096,
-        max_cache_bytes: int = 64 << 20,
+        max_entry_bytes: int = 4 << 20,
     ) -> None:
         self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
         self._slots: dict[str, dict[str, float]] = {}
         self._sessions = _Expiring(max_entries)
         self._cache = _Expiring(max_cache_entries)
-        self._cache_bytes = 0
-        self._max_cache_bytes = max_cache_bytes
+        self._max_entry_bytes = max_entry_bytes
         self._max_entries = max_entries
 
     @property
@@ -118,6 +117,6 @@ class MemoryState:
         return value if isinstance(value, bytes) else None
 
     async def cache_set(self, key: str, value: bytes, ttl_s: float) -> None:
-        if len(value) > self._max_cache_bytes // 16:
-            return  # one answer may not take a large share of the cache
+        if len(value) > self._max_entry_bytes:
+            return  # entries x this bound the cache's memory
         self._cache.put(key, value, time.monotonic() + ttl_s)

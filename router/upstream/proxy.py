@@ -219,30 +219,20 @@ class Proxy:
         return asyncio.get_running_loop().time()
 
     async def _send(self, worker: Worker, call: UpstreamCall) -> Connection:
-        """Connect (or reuse) and send; a reused connection the worker already closed is
-        replaced once, since the worker never saw the request."""
-        request_bytes = format_request(
-            call.path,
-            worker.url.split("://", 1)[1],
-            call.body,
-            {"Content-Type": _JSON, "X-Request-Id": call.request_id},
-        )
-        for _ in range(2):
-            try:
-                conn = await self._client.connect(worker.url, self._timeouts.connect_s)
-            except TimeoutError:
-                raise _Retryable(
-                    "connect_timeout", UpstreamFailed(f"worker {worker.id} did not accept in time")
-                ) from None
-            except OSError as exc:
-                raise _Retryable(
-                    "connect", UpstreamFailed(f"worker {worker.id} unreachable: {exc}")
-                ) from None
-            if conn.used == 0 or (conn.transport is not None and not conn.transport.is_closing()):
-                conn.send(request_bytes)
-                return conn
-            conn.close()
-        raise _Retryable("connect", UpstreamFailed(f"worker {worker.id} closed its connections"))
+        """Connect (or reuse a kept-alive connection) and send the request in one write."""
+        try:
+            conn = await self._client.connect(worker.url, self._timeouts.connect_s)
+        except TimeoutError:
+            raise _Retryable(
+                "connect_timeout", UpstreamFailed(f"worker {worker.id} did not accept in time")
+            ) from None
+        except OSError as exc:
+            raise _Retryable(
+                "connect", UpstreamFailed(f"worker {worker.id} unreachable: {exc}")
+            ) from None
+        headers = {"Content-Type": _JSON, "X-Request-Id": call.request_id}
+        conn.send(format_request(call.path, worker.url.split("://", 1)[1], call.body, headers))
+        return conn
 
     async def _upstream_error(
         self, conn: Connection, head: Head, worker: Worker, result: CallResult

@@ -16,12 +16,11 @@ import hashlib
 import pickle
 from collections.abc import Sequence
 from functools import lru_cache
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 import cbor2
 
 HashAlgo = Literal["sha256", "sha256_cbor"]
-HASH_ALGOS: tuple[str, ...] = get_args(HashAlgo)
 DEFAULT_NONE_HASH_SEED = "vllm-none-hash"
 DEFAULT_BLOCK_SIZE = 16
 

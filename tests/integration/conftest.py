@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
+import aiohttp
 import pytest
 
 from tests.redis_server import RedisServer, find_redis_server
+from workers.sim.config import SimConfig
+from workers.sim.runner import SimHandle, start_sim_worker
 
 
 @pytest.fixture
@@ -26,3 +29,22 @@ def redis_server() -> Iterator[RedisServer]:
 @pytest.fixture
 def redis_url(redis_server: RedisServer) -> str:
     return redis_server.url
+
+
+SIM_MODEL = "sim-model"
+
+
+@pytest.fixture
+async def sim() -> AsyncIterator[SimHandle]:
+    """One in-process simulated worker, as fast as possible (time_scale 0)."""
+    handle = await start_sim_worker(SimConfig(model=SIM_MODEL, port=0, time_scale=0))
+    try:
+        yield handle
+    finally:
+        await handle.stop()
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as client:
+        yield client

@@ -8,14 +8,11 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
-import tempfile
 import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -59,12 +56,9 @@ def gateway_url() -> Iterator[str]:
                 }
             },
         }
-        with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
-            yaml.safe_dump(config, f)
-        gateway = start_gateway_process(f.name)
+        gateway = start_gateway_process(config)
         fleet.procs.append(gateway)
         _wait_ready(gateway.url, "/ready")
-        os.unlink(f.name)
         yield gateway.url
     finally:
         fleet.stop()

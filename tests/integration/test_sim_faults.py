@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
 import pytest
 
-from tests.integration.test_sim_worker import MODEL, counters, read_sse, wait_for
+from tests.conftest import wait_for
+from tests.integration.test_sim_worker import MODEL, counters, read_sse
 from workers.sim.config import SimConfig
 from workers.sim.fault_spec import parse_fault_spec
 from workers.sim.runner import SimHandle, start_sim_worker
@@ -24,21 +24,6 @@ from workers.sim.runner import SimHandle, start_sim_worker
 COMPLETIONS = "/v1/completions"
 CHAT = "/v1/chat/completions"
 NOTHING_ARRIVES_S = 0.2  # bound of a read that must come back empty-handed
-
-
-@pytest.fixture
-async def sim() -> AsyncIterator[SimHandle]:
-    handle = await start_sim_worker(SimConfig(model=MODEL, port=0, time_scale=0))
-    try:
-        yield handle
-    finally:
-        await handle.stop()
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as client:
-        yield client
 
 
 async def set_faults(

@@ -4,42 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import aiohttp
 import pytest
 
+from tests.conftest import wait_for
+from tests.integration.conftest import SIM_MODEL as MODEL
 from workers.sim.config import SimConfig
 from workers.sim.runner import SimHandle, start_sim_worker
 
-MODEL = "sim-model"
 LONG_TEXT = " ".join(f"word{i}" for i in range(200))
-
-
-async def wait_for(check: Callable[[], Awaitable[bool]], deadline_s: float = 10.0) -> None:
-    """Poll ``check`` until it holds; fail after a generous deadline (never a timing assert)."""
-    loop = asyncio.get_running_loop()
-    end = loop.time() + deadline_s
-    while not await check():
-        if loop.time() > end:
-            raise AssertionError("condition not met before the deadline")
-        await asyncio.sleep(0.01)
-
-
-@pytest.fixture
-async def sim() -> AsyncIterator[SimHandle]:
-    handle = await start_sim_worker(SimConfig(model=MODEL, port=0, time_scale=0))
-    try:
-        yield handle
-    finally:
-        await handle.stop()
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as client:
-        yield client
 
 
 async def read_sse(resp: aiohttp.ClientResponse) -> list[str]:
