@@ -263,6 +263,12 @@ class Connection(asyncio.Protocol):
         return data
 
     @property
+    def went_stale(self) -> bool:
+        """A reused connection that ended before any byte of the answer: the worker closed it
+        while it sat idle in the pool, so the request never reached it."""
+        return self.used > 1 and not self.received_any
+
+    @property
     def finished(self) -> bool:
         return self._state == "eof" and not self._body
 
@@ -301,10 +307,10 @@ class UpstreamClient:
             self._pools[base_url] = pool
         return pool
 
-    async def connect(self, base_url: str, timeout_s: float) -> Connection:
-        """A ready connection: an idle pooled one if any, else a new one."""
+    async def connect(self, base_url: str, timeout_s: float, fresh: bool = False) -> Connection:
+        """A ready connection: an idle pooled one if any (unless `fresh`), else a new one."""
         pool = self._pool(base_url)
-        while pool.idle:
+        while pool.idle and not fresh:
             conn = pool.idle.pop()
             if conn.transport is not None and not conn.transport.is_closing():
                 return conn

@@ -182,21 +182,9 @@ class Proxy:
         uncached = max(0, call.routing.prompt_tokens - decision.matched_tokens)
         with worker.track(uncached) as dispatch:
             result.sent_at = time.perf_counter()
-            conn = await self._send(worker, call)
+            first_byte_deadline = self._loop_time() + self._timeouts.first_byte_s
+            conn, head = await self._open(worker, call, first_byte_deadline)
             try:
-                first_byte_deadline = self._loop_time() + self._timeouts.first_byte_s
-                try:
-                    head = await conn.read_head(first_byte_deadline)
-                except TimeoutError:
-                    raise _Retryable(
-                        "first_byte_timeout",
-                        UpstreamTimeout(f"worker {worker.id} did not answer in time"),
-                        retryable=self._retries.retry_on_first_byte_timeout,
-                    ) from None
-                except ConnectionError as exc:
-                    raise _Retryable(
-                        "reset", UpstreamFailed(f"worker {worker.id} failed: {exc}")
-                    ) from None
                 if head.status != 200:
                     return await self._upstream_error(conn, head, worker, result)
                 if call.stream:
@@ -218,10 +206,40 @@ class Proxy:
     def _loop_time() -> float:
         return asyncio.get_running_loop().time()
 
-    async def _send(self, worker: Worker, call: UpstreamCall) -> Connection:
+    async def _open(
+        self, worker: Worker, call: UpstreamCall, deadline: float
+    ) -> tuple[Connection, Head]:
+        """Send the request and read the answer's status line and headers.
+
+        A kept-alive connection the worker closed while it sat idle fails before any byte of
+        an answer; the worker never saw the request, so it goes out once more on a new
+        connection instead of counting as the worker's failure."""
+        for fresh in (False, True):
+            conn = await self._send(worker, call, fresh)
+            try:
+                return conn, await conn.read_head(deadline)
+            except TimeoutError:
+                self._client.release(worker.url, conn)
+                raise _Retryable(
+                    "first_byte_timeout",
+                    UpstreamTimeout(f"worker {worker.id} did not answer in time"),
+                    retryable=self._retries.retry_on_first_byte_timeout,
+                ) from None
+            except ConnectionError as exc:
+                self._client.release(worker.url, conn)
+                if fresh or not conn.went_stale:
+                    raise _Retryable(
+                        "reset", UpstreamFailed(f"worker {worker.id} failed: {exc}")
+                    ) from None
+            except BaseException:
+                self._client.release(worker.url, conn)  # cancelled: the worker must see it
+                raise
+        raise AssertionError("unreachable: the fresh attempt returns or raises")
+
+    async def _send(self, worker: Worker, call: UpstreamCall, fresh: bool = False) -> Connection:
         """Connect (or reuse a kept-alive connection) and send the request in one write."""
         try:
-            conn = await self._client.connect(worker.url, self._timeouts.connect_s)
+            conn = await self._client.connect(worker.url, self._timeouts.connect_s, fresh)
         except TimeoutError:
             raise _Retryable(
                 "connect_timeout", UpstreamFailed(f"worker {worker.id} did not accept in time")
