@@ -26,7 +26,8 @@ import redis.asyncio as aioredis
 import uvloop
 
 from loadtest.chart import write_chart
-from loadtest.intrinsic import ChatTokens, intrinsic_reuse
+from loadtest.external_router import parse_routers, start_external, wait_external
+from loadtest.intrinsic import ChatTokens, intrinsic_reuse, pooled_reuse
 from loadtest.procs import (
     Fleet,
     Proc,
@@ -38,7 +39,9 @@ from loadtest.procs import (
     wait_ready,
 )
 from loadtest.replay import Replay, replay
+from loadtest.routing_report import COLUMNS, add_ratios, check_acceptance
 from loadtest.stats import imbalance, percentile, print_table, write_json
+from loadtest.trace import TRACE_FLEET_SHARE, add_trace_arguments, trace_spec, trace_workload
 from loadtest.workloads import (
     MixedSpec,
     MultiturnSpec,
@@ -57,6 +60,8 @@ QUICK_POLICIES = ("round_robin", "prefix", "hybrid")
 
 
 def build_workload(name: str, args: argparse.Namespace) -> Workload:
+    if name == "trace":
+        return trace_workload(trace_spec(args))
     scale = 0.2 if args.quick else 1.0
     duration = args.duration if args.duration is not None else 25.0 * scale
     shared = SharedSpec(
@@ -103,9 +108,12 @@ def machine_busy_s() -> tuple[float, float]:
 
 
 def _gateway_config(
-    sims: list[Proc], policy: str, capacity: int, redis_url: str | None
+    sims: list[Proc], policy: str, capacity: int | None, redis_url: str | None
 ) -> dict[str, Any]:
-    workers = [{"url": s.url, "kv_capacity_blocks": capacity} for s in sims]
+    """Capacity in the YAML only when asked: by default the gateway reads what workers report
+    (`vllm:cache_config_info`) or learns it from their cached tokens, as in production."""
+    extra = {} if capacity is None else {"kv_capacity_blocks": capacity}
+    workers = [{"url": s.url, **extra} for s in sims]
     state: dict[str, Any] = {"backend": "memory"}
     if redis_url is not None:
         state = {"backend": "redis", "redis_url": redis_url, "timeout_s": 0.2}
@@ -162,16 +170,26 @@ async def run_policy(
     workload: Workload,
     replicas: int = 1,
     redis_url: str | None = None,
+    external: str | None = None,
+    capacity_in_yaml: bool = False,
 ) -> dict[str, Any]:
-    await call_all(sims, "POST", "/sim/reset")
+    """One row: `policy` through the gateway, or the external router whose template is given."""
     if redis_url is not None:
         await _flush(redis_url)
-    config = _gateway_config(sims, policy, capacity, redis_url)
-    gateways = [start_gateway_process(config) for _ in range(replicas)]
+    if external is not None:
+        gateways = [start_external(external, [s.url for s in sims], MODEL)]
+    else:
+        config = _gateway_config(sims, policy, capacity if capacity_in_yaml else None, redis_url)
+        gateways = [start_gateway_process(config) for _ in range(replicas)]
     try:
         for gateway in gateways:
-            await wait_ready(gateway.url, "/ready")
-            await _all_healthy(gateway.url, len(sims))
+            if external is not None:
+                await wait_external(gateway, MODEL)
+            else:
+                await wait_ready(gateway.url, "/ready")
+                await _all_healthy(gateway.url, len(sims))
+        # After start-up: a router's own readiness probes must not count as the workload's.
+        await call_all(sims, "POST", "/sim/reset")
         pids = [*(g.pid for g in gateways), *(s.pid for s in sims)]
         cpu0 = sum(cpu_seconds(p) for p in pids) + time.process_time()
         busy0, total0 = machine_busy_s()
@@ -180,13 +198,14 @@ async def run_policy(
         busy1, total1 = machine_busy_s()
         counters = await call_all(sims, "GET", "/sim/counters")
         reasons: dict[str, float] = {}
-        for gateway in gateways:
-            for reason, count in (await _decision_reasons(gateway.url)).items():
-                reasons[reason] = reasons.get(reason, 0.0) + count
+        if external is None:
+            for gateway in gateways:
+                for reason, count in (await _decision_reasons(gateway.url)).items():
+                    reasons[reason] = reasons.get(reason, 0.0) + count
     finally:
         for gateway in gateways:
             gateway.stop()
-    row = _summarize(policy, result, counters, reasons, cpu)
+    row = _summarize(policy, result, counters, reasons, cpu, capacity * len(sims))
     row["machine_busy"] = (busy1 - busy0) / (total1 - total0) if total1 > total0 else 0.0
     return row
 
@@ -197,6 +216,7 @@ def _summarize(
     counters: list[dict[str, Any]],
     reasons: dict[str, float],
     cpu_s: float,
+    fleet_blocks: int,
 ) -> dict[str, Any]:
     ok = [r for r in result.records if r.ok]
     ttft = [r.ttft_s for r in ok if r.ttft_s is not None]
@@ -207,6 +227,7 @@ def _summarize(
     tokens = ChatTokens()
     served = [(tokens.prompt(r.messages), tokens.answer(r.answer)) for r in ok]
     intrinsic_hits, intrinsic_total = intrinsic_reuse(served)
+    pooled_hits, _ = pooled_reuse(served, fleet_blocks)
     client_prompt = sum(len(p) for p, _ in served)
     return {
         "policy": policy,
@@ -214,6 +235,7 @@ def _summarize(
         "errors": len(result.records) - len(ok),
         "hit_rate": cached / prompt if prompt else 0.0,
         "intrinsic": intrinsic_hits / intrinsic_total if intrinsic_total else 0.0,
+        "pooled": pooled_hits / intrinsic_total if intrinsic_total else 0.0,
         "ttft_p50_ms": percentile(ttft, 50) * 1000,
         "ttft_p90_ms": percentile(ttft, 90) * 1000,
         "ttft_p99_ms": percentile(ttft, 99) * 1000,
@@ -230,46 +252,11 @@ def _summarize(
     }
 
 
-COLUMNS = [
-    ("policy", "policy"),
-    ("hit_rate", "hit rate"),
-    ("of_intrinsic", "/intrinsic"),
-    ("ttft_p50_ms", "TTFT p50 ms"),
-    ("ttft_p90_ms", "p90"),
-    ("ttft_p99_ms", "p99"),
-    ("e2e_p50_ms", "E2E p50 ms"),
-    ("e2e_p99_ms", "p99"),
-    ("output_tok_s", "out tok/s"),
-    ("imbalance", "imbalance"),
-    ("errors", "errors"),
-    ("cpu_share", "CPU"),
-    ("machine_busy", "host CPU"),
-]
-
-
-def check_acceptance(rows: list[dict[str, Any]]) -> list[str]:
-    """The issue's acceptance points for `hybrid`, as printable lines (empty if not comparable)."""
-    by = {r["policy"]: r for r in rows}
-    hybrid = by.get("hybrid")
-    if hybrid is None:
-        return []
-    lines = [f"hybrid hit rate = {hybrid['of_intrinsic']:.1%} of intrinsic (target >= 95%)"]
-    if rr := by.get("round_robin"):
-        for q in ("p50", "p99"):
-            ratio = hybrid[f"ttft_{q}_ms"] / rr[f"ttft_{q}_ms"]
-            lines.append(f"hybrid TTFT {q} = {ratio:.2f} x round_robin's (target <= 0.50)")
-    if prefix := by.get("prefix"):
-        lines.append(
-            f"hybrid TTFT p99 {hybrid['ttft_p99_ms']:.0f} ms vs prefix "
-            f"{prefix['ttft_p99_ms']:.0f} ms (target: lower)"
-        )
-    lines.append(f"hybrid imbalance {hybrid['imbalance']:.2f} (target <= 1.5)")
-    return lines
-
-
 async def run_workload(name: str, args: argparse.Namespace) -> dict[str, Any]:
     workload = build_workload(name, args)
-    capacity = args.gpu_blocks or gpu_blocks_for(workload, args.workers, args.fleet_share)
+    share = args.fleet_share or (TRACE_FLEET_SHARE if name == "trace" else 1.0)
+    capacity = args.gpu_blocks or gpu_blocks_for(workload, args.workers, share)
+    routers = parse_routers(args.router_cmd, args.router_name)
     fleet = Fleet()
     try:
         redis_url = None
@@ -279,38 +266,54 @@ async def run_workload(name: str, args: argparse.Namespace) -> dict[str, Any]:
             redis_url = redis.url
         for i in range(args.workers):
             sim_args = ["--num-gpu-blocks", str(capacity), "--seed", str(args.seed + i)]
+            if args.capacity == "hidden":
+                sim_args.append("--hide-kv-capacity")
             fleet.procs.append(start_sim(MODEL, sim_args))
         sims = [p for p in fleet.procs if p.url.startswith("http")]
         await asyncio.gather(*(wait_ready(s.url, "/health") for s in sims))
+        targets: list[tuple[str, str | None]] = [(p, None) for p in args.policies]
+        targets += [(router_name, cmd) for router_name, cmd in routers]
         rows = []
-        for policy in args.policies:
+        for label, cmd in targets:
             rows.append(
-                await run_policy(policy, sims, capacity, workload, args.replicas, redis_url)
+                await run_policy(
+                    label,
+                    sims,
+                    capacity,
+                    workload,
+                    args.replicas if cmd is None else 1,
+                    redis_url,
+                    external=cmd,
+                    capacity_in_yaml=args.capacity == "yaml",
+                )
             )
             r = rows[-1]
             print(
-                f"  {name}/{policy}: {r['requests']} requests in {r['elapsed_s']:.1f}s, "
-                f"hit {r['hit_rate']:.3f}, TTFT p50 {r['ttft_p50_ms']:.0f} ms",
+                f"  {name}/{label}: {r['requests']} requests in {r['elapsed_s']:.1f}s, "
+                f"hit {r['hit_rate']:.3f} (pooled {r['pooled']:.3f}), "
+                f"TTFT p50 {r['ttft_p50_ms']:.0f} p99 {r['ttft_p99_ms']:.0f} ms, "
+                f"imbalance {r['imbalance']:.2f}, errors {r['errors']}",
                 flush=True,
             )
     finally:
         fleet.stop()
-    for r in rows:
-        r["of_intrinsic"] = r["hit_rate"] / r["intrinsic"] if r["intrinsic"] else 0.0
+    add_ratios(rows)
     intrinsic = sum(r["intrinsic"] for r in rows) / len(rows)
+    pooled = sum(r["pooled"] for r in rows) / len(rows)
     ws = workload.working_set_blocks
     replicas = f", {args.replicas} gateway replicas on one Redis" if args.replicas > 1 else ""
     print(f"\nworkload {name}: {workload.description}{replicas}")
     print(
         f"{args.workers} simulated workers x {capacity} KV blocks (working set ~{ws} blocks = "
-        f"{ws / capacity:.1f} workers' caches); intrinsic reuse {intrinsic:.3f}"
+        f"{ws / capacity:.1f} workers' caches; capacity {args.capacity}); intrinsic reuse "
+        f"{intrinsic:.3f}, pooled-capacity reference {pooled:.3f}"
     )
     print_table([h for _, h in COLUMNS], [[r[k] for k, _ in COLUMNS] for r in rows])
     cpu = max(r["cpu_share"] for r in rows)
     host = max(r["machine_busy"] for r in rows)
     lag = max(r["start_lag_p99_ms"] for r in rows)
     print(
-        f"CPU: the benchmark's processes (gateway, sims, load generator) used at most {cpu:.0%} "
+        f"CPU: the benchmark's processes (router, sims, load generator) used at most {cpu:.0%} "
         f"of {os.cpu_count()} cores, the whole host at most {host:.0%}; schedule lag p99 <= "
         f"{lag:.1f} ms: "
         + (
@@ -321,7 +324,7 @@ async def run_workload(name: str, args: argparse.Namespace) -> dict[str, Any]:
     )
     if not all(r["tokenization_matches"] for r in rows):
         print("WARNING: client-side tokenization disagrees with the workers' prompt counts")
-    checks = check_acceptance(rows) if name in ("shared", "multiturn") else []
+    checks = check_acceptance(rows, {n for n, _ in routers})
     for line in checks:
         print("  " + line)
     data = {
@@ -329,10 +332,13 @@ async def run_workload(name: str, args: argparse.Namespace) -> dict[str, Any]:
         "description": workload.description,
         "workers": args.workers,
         "kv_blocks_per_worker": capacity,
+        "capacity_source": args.capacity,
         "working_set_blocks": ws,
         "intrinsic_reuse": intrinsic,
+        "pooled_reference": pooled,
         "seed": args.seed,
         "replicas": args.replicas,
+        "peers": [n for n, _ in routers],
         "rows": rows,
         "acceptance": checks,
     }
@@ -343,7 +349,7 @@ async def run_workload(name: str, args: argparse.Namespace) -> dict[str, Any]:
 
 def run(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="prefix-router bench routing", description=__doc__)
-    parser.add_argument("--workload", choices=[*WORKLOADS, "all"], default="all")
+    parser.add_argument("--workload", choices=[*WORKLOADS, "trace", "all"])
     parser.add_argument("--policies", nargs="+", choices=POLICIES, help="default: all five")
     parser.add_argument(
         "--quick",
@@ -358,10 +364,20 @@ def run(argv: list[str] | None = None) -> int:
     parser.add_argument("--system-tokens", type=int, default=SharedSpec.system_tokens)
     parser.add_argument("--sessions", type=int, help="multi-turn sessions")
     parser.add_argument("--session-rate", type=float, help="new sessions per second")
+    add_trace_arguments(parser)
     parser.add_argument("--workers", type=int, default=8)
     parser.add_argument("--gpu-blocks", type=int, help="per-worker KV blocks (default: sized)")
     parser.add_argument(
-        "--fleet-share", type=float, default=1.0, help="fleet KV = this x the working set"
+        "--fleet-share",
+        type=float,
+        help=f"fleet KV = this x the working set (default 1.0; {TRACE_FLEET_SHARE} for a trace)",
+    )
+    parser.add_argument(
+        "--capacity",
+        choices=("reported", "yaml", "hidden"),
+        default="reported",
+        help="how the gateway learns each worker's KV capacity: from its metrics (default), "
+        "from the YAML, or not at all (sims run with --hide-kv-capacity)",
     )
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument(
@@ -371,11 +387,24 @@ def run(argv: list[str] | None = None) -> int:
         help="gateway replicas sharing state through a Redis the benchmark starts; the client "
         "spreads requests over them in turn",
     )
+    parser.add_argument(
+        "--router-cmd",
+        action="append",
+        help="an external router's command line, run in front of the same fleet (placeholders "
+        "{port}, {workers}, {workers_csv}, {model}); repeatable",
+    )
+    parser.add_argument(
+        "--router-name", action="append", help="the table's name for each --router-cmd, in order"
+    )
     parser.add_argument("--json", default="loadtest/results/routing-{workload}.json")
     parser.add_argument("--png", default="loadtest/results/routing-{workload}.png")
     args = parser.parse_args(argv)
     if args.policies is None:
         args.policies = list(QUICK_POLICIES if args.quick else POLICIES)
+    if args.workload is None:
+        args.workload = "trace" if args.trace else "all"
+    if args.workload == "trace" and not args.trace:
+        parser.error("--workload trace needs --trace FILE")
     if args.workload != "all":
         names: tuple[str, ...] = (args.workload,)
     else:

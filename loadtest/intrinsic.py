@@ -11,6 +11,7 @@ all that prefix identity needs (vLLM's SHA-256 would give the same matches, slow
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -56,4 +57,33 @@ def intrinsic_reuse(
             matched += 1
         hits += matched * block_tokens
         seen.update(block_chain([*prompt, *output[:-1]], block_tokens))
+    return hits, total
+
+
+def pooled_reuse(
+    requests: Iterable[tuple[Sequence[int], Sequence[int]]],
+    capacity_blocks: int,
+    block_tokens: int = BLOCK_TOKENS,
+) -> tuple[int, int]:
+    """(hit tokens, prompt tokens) of one LRU cache holding `capacity_blocks` blocks (DESIGN §7).
+
+    The pooled-capacity reference: the fleet's whole KV capacity as one cache, nothing held
+    twice, requests served one after another in arrival order. Hits are counted as in
+    `intrinsic_reuse`; a hit refreshes its blocks, then the request's blocks join the cache as
+    the most recent and the least recently used blocks beyond the capacity leave it."""
+    lru: OrderedDict[int, None] = OrderedDict()
+    hits = total = 0
+    for prompt, output in requests:
+        total += len(prompt)
+        chain = block_chain(prompt, block_tokens)
+        limit = max(0, (len(prompt) - 1) // block_tokens)
+        matched = 0
+        while matched < limit and chain[matched] in lru:
+            matched += 1
+        hits += matched * block_tokens
+        for block in block_chain([*prompt, *output[:-1]], block_tokens):
+            lru[block] = None
+            lru.move_to_end(block)
+        while len(lru) > capacity_blocks:
+            lru.popitem(last=False)
     return hits, total

@@ -65,6 +65,13 @@ def _build_parser() -> argparse.ArgumentParser:
         help="do not cache generated tokens' blocks",
     )
     sim.add_argument(
+        "--hide-kv-capacity",
+        dest="export_kv_capacity",
+        action="store_false",
+        default=None,
+        help="leave vllm:cache_config_info out of /metrics (capacity must then be learned)",
+    )
+    sim.add_argument(
         "--fault",
         dest="faults",
         action="append",
@@ -96,7 +103,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_vllm_command(args, passthrough)
     if args.command == "sim":
         fields = {"model": args.model, "host": args.host, "port": args.port}
-        for dest, _ in [*_SIM_FLAGS.values(), ("cache_output_blocks", bool), ("faults", list)]:
+        for dest, _ in [
+            *_SIM_FLAGS.values(),
+            ("cache_output_blocks", bool),
+            ("export_kv_capacity", bool),
+            ("faults", list),
+        ]:
             value = getattr(args, dest)
             if value is not None:
                 fields[dest] = value

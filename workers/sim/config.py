@@ -32,6 +32,9 @@ class SimConfig(BaseModel):
     num_gpu_blocks: int = Field(default=2048, ge=1, description="KV capacity in blocks")
     hash_algo: HashAlgo = "sha256"
     hash_seed: str = DEFAULT_NONE_HASH_SEED
+    export_kv_capacity: bool = Field(
+        default=True, description="export vllm:cache_config_info (off: --hide-kv-capacity)"
+    )
     cache_output_blocks: bool = Field(
         default=True, description="cache generated tokens' blocks once full, as vLLM does"
     )

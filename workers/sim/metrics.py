@@ -101,6 +101,8 @@ class _EngineCollector(Collector):
             success.add_metric([*self._label_values, reason], by_reason.get(reason, 0))
         yield success
         cfg = self._config
+        if not cfg.export_kv_capacity:
+            return  # as an OpenAI-compatible server that exports no cache config
         info = GaugeMetricFamily(
             "vllm:cache_config_info",
             "Information of the LLMEngine CacheConfig",
