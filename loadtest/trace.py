@@ -16,11 +16,11 @@ first block id hashes into the share), which thins the load while keeping each r
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import random
 import string
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -84,7 +84,9 @@ class BlockText:
 def _kept(root: int, share: float, seed: int) -> bool:
     if share >= 1.0:
         return True
-    return zlib.crc32(f"{seed}:{root}".encode()) / 2**32 < share
+    # A cryptographic digest: CRC-32 is linear, so two roots' keep decisions would be tied.
+    digest = hashlib.blake2b(f"{seed}:{root}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64 < share
 
 
 def trace_workload(spec: TraceSpec) -> Workload:

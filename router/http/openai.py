@@ -27,7 +27,7 @@ from router.result_cache import (
     is_deterministic,
     respond_from_cache,
 )
-from router.routing.key import estimate_prompt_tokens, routing_key
+from router.routing.key import routing_key
 from router.routing.policy import Decision, RoutingRequest
 from router.upstream.call import CallResult, UpstreamCall
 from router.upstream.registry import Pool
@@ -123,7 +123,9 @@ async def forward_openai(
     key = routing_key(body, kind)
     # Precise pools tokenize and hash the prompt as their workers will, once per request.
     precise = pool.keyer.key(body, kind == "chat") if pool.keyer is not None else None
-    prompt_tokens = max(1, precise.prompt_tokens) if precise else estimate_prompt_tokens(key)
+    prompt_tokens = (
+        max(1, precise.prompt_tokens) if precise else pool.calibration.estimate_tokens(key)
+    )
     if prompt_tokens > pool.config.max_prompt_tokens:
         raise InvalidRequest(
             f"the prompt is about {prompt_tokens} tokens, over this model's limit of "
@@ -275,6 +277,7 @@ def _upstream_call(
         request_id=request_id_of(request),
         client_wants_usage=client_wants_usage,
         debug_headers=state.config.debug_headers,
+        collect_answer=pool.policy.indexes_answers and body.get("n") in (None, 1),
     )
 
 

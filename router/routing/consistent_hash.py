@@ -27,6 +27,7 @@ def stable_hash64(text: str) -> int:
 
 class ConsistentHash:
     name = "consistent_hash"
+    indexes_answers = False
 
     def __init__(self, config: ConsistentHashPolicy, index_config: IndexConfig) -> None:
         self._virtual_nodes = config.virtual_nodes

@@ -1,14 +1,16 @@
 """The hybrid policy's cost model: estimated seconds to first token on one worker.
 
 ttft = queue ahead / prefill rate + this request's uncached tokens / prefill rate
-       + running sequences x decode_s_per_running + in flight x balance_s_per_request.
-Two sources describe the queue: `prefill_backlog_tokens`, the gateway's own fresh count of
-uncached tokens dispatched there and not yet answered, and the worker's reported `waiting`
-(scraped, maybe a second stale, but it also sees other gateways' traffic). Both describe mostly
-the same requests, so only the waiting requests beyond the gateway's own in-flight count add to
-the backlog: charging a whole `queue_s_per_waiting` for a request the backlog already prices at
-a few milliseconds made a second-old snapshot of one busy step push cached prompts elsewhere.
-Likewise running sequences are the larger of the report and the gateway's `in_flight`.
+       + running sequences x decode cost + in flight x balance_s_per_request.
+Prefill rate and decode cost are the worker's own, learned from its observed TTFTs
+(`LearnedRates`; the YAML values are the prior). Two sources describe the queue:
+`prefill_backlog_tokens`, the gateway's own fresh count of uncached tokens dispatched there and
+not yet answered, and the worker's reported `waiting` (scraped, maybe a second stale, but it
+also sees other gateways' traffic). Both describe mostly the same requests, so only the waiting
+requests beyond the gateway's own in-flight count add to the backlog: charging a whole
+`queue_s_per_waiting` for a request the backlog already prices at a few milliseconds made a
+second-old snapshot of one busy step push cached prompts elsewhere. Likewise running sequences
+are the larger of the report and the gateway's `in_flight`.
 The last term is not a TTFT estimate but a deliberate price on concentration: a TTFT estimate
 alone sends every new session to the worker holding its system prompt whenever that is a little
 faster right now, although each session brings all its later turns along; charging each request
@@ -20,29 +22,31 @@ while spreading sessions over every worker).
 from __future__ import annotations
 
 from router.config import HybridPolicy
+from router.routing.rates import LearnedRates
 from router.upstream.worker import Worker
 
 
 class CostModel:
     def __init__(self, config: HybridPolicy) -> None:
-        self._rate = config.prefill_tokens_per_s
+        self.rates = LearnedRates(config.prefill_tokens_per_s, config.decode_s_per_running)
         self._queue_s_per_waiting = config.queue_s_per_waiting
-        self._decode_s_per_running = config.decode_s_per_running
         self._balance_s_per_request = config.balance_s_per_request
 
-    def queue_s(self, worker: Worker) -> float:
+    def queue_s(self, worker: Worker, rate: float) -> float:
         """Prefill work already queued ahead of a new request on this worker."""
-        backlog_s = worker.prefill_backlog_tokens / self._rate
+        backlog_s = worker.prefill_backlog_tokens / rate
         # Waiting requests beyond this gateway's own in flight are other gateways' traffic,
         # which the backlog cannot know; the rest are already counted, and more precisely.
         unknown = max(0, worker.reported.waiting - worker.in_flight)
         return backlog_s + unknown * self._queue_s_per_waiting
 
     def ttft_s(self, worker: Worker, uncached_tokens: int) -> float:
+        rates = self.rates
+        rate = rates.rate(worker.id)
         running = max(worker.reported.running, worker.in_flight)
         return (
-            self.queue_s(worker)
-            + max(0, uncached_tokens) / self._rate
-            + running * self._decode_s_per_running
+            self.queue_s(worker, rate)
+            + max(0, uncached_tokens) / rate
+            + running * rates.decode_s(worker.id)
             + worker.in_flight * self._balance_s_per_request
         )

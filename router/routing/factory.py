@@ -18,6 +18,7 @@ from router.config import (
     PrefixPolicy,
     RoundRobinPolicy,
 )
+from router.routing.calibration import TokenCalibration
 from router.routing.consistent_hash import ConsistentHash
 from router.routing.hybrid import HybridCost
 from router.routing.least_load import LeastLoad
@@ -33,10 +34,12 @@ def build_policy(
     index_config: IndexConfig,
     rng: random.Random | None = None,
     precise: PreciseConfig | None = None,
+    calibration: TokenCalibration | None = None,
 ) -> Policy:
     """A fresh policy for pool `pool_name` (the name only appears in errors); `precise` gives a
     hybrid policy its precise index."""
     rng = rng or random.Random()
+    calibration = calibration or TokenCalibration()
     if isinstance(config, RoundRobinPolicy):
         return RoundRobin()
     if isinstance(config, LeastLoadPolicy):
@@ -44,12 +47,12 @@ def build_policy(
     if isinstance(config, ConsistentHashPolicy):
         return ConsistentHash(config, index_config)
     if isinstance(config, PrefixPolicy):
-        return PrefixAffinity(config, index_config, rng)
+        return PrefixAffinity(config, index_config, rng, calibration)
     if isinstance(config, HybridPolicy):
         precise_index = None
         if precise is not None:
             precise_index = PreciseIndex(
                 precise.block_size, precise.speculative_ttl_s, precise.default_capacity_blocks
             )
-        return HybridCost(config, index_config, rng, precise_index)
+        return HybridCost(config, index_config, rng, precise_index, calibration)
     raise ValueError(f"pool {pool_name!r}: unknown policy {config!r}")

@@ -2,13 +2,18 @@
 
 Each candidate's TTFT is estimated by `CostModel` from the queue ahead of the request, the
 request's *uncached* tokens on that worker (prompt minus what the prefix index says it holds)
-and the decode load. Cache hits shrink the second term and queues grow the first, so affinity
-wins exactly until the cached worker is slower than a cold one: no gate that fires for every
-request or never (routing-landscape §8-9). Ties (within a microsecond) go to the worker whose
-index holds the fewest blocks, then at random, so distinct cold prompts spread over every
-worker. A session sticks to its last worker while that worker's estimate is within
-`session_margin_s` of the best. The chosen worker's blocks are
-inserted at pick time, so concurrent requests sharing the prefix follow it at once.
+and the decode load, at the worker's own learned prefill rate and decode cost. Cache hits
+shrink the second term and queues grow the first, so affinity wins exactly until the cached
+worker is slower than a cold one: no gate that fires for every request or never
+(routing-landscape §8-9). Ties (within a microsecond) go where the new blocks evict the least
+valuable ones (a worker with room first, then the one whose least recently used entry is
+oldest), then to the worker holding the fewest blocks, then at random, so distinct cold prompts
+spread over every worker and a one-off prompt does not push out a hot prefix. A session sticks
+to its last worker while that worker's estimate is within `session_margin_s` of the best. The
+chosen worker's blocks are inserted at pick time, so concurrent requests sharing the prefix
+follow it at once; when the answer ends, the prompt plus the answer's text is inserted (vLLM
+caches generated tokens too, so the next turn matches its whole history), and the cached tokens
+the worker reported correct the index (`CacheFeedback`).
 In a precise pool (`request.block_hashes` set) the cached tokens come from the `PreciseIndex`
 (vLLM's block hashes, confirmed by KV events) and the pick speculates the chosen worker's blocks.
 """
@@ -20,7 +25,9 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 from router.config import HybridPolicy, IndexConfig
+from router.routing.calibration import TokenCalibration
 from router.routing.cost_model import CostModel
+from router.routing.feedback import CacheFeedback
 from router.routing.policy import Decision, Outcome, RoutingRequest
 from router.routing.precise_index import PreciseIndex
 from router.routing.prefix_index import PrefixIndex
@@ -34,6 +41,8 @@ class Estimate(NamedTuple):
     block_keys: list[int]
     cached_tokens: list[int]
     ttft_s: list[float]
+    matched_blocks: list[int]
+    """Leading index blocks each candidate holds (approximate mode; zeros in precise)."""
 
 
 class HybridCost:
@@ -45,11 +54,14 @@ class HybridCost:
         index_config: IndexConfig,
         rng: random.Random | None = None,
         precise: PreciseIndex | None = None,
+        calibration: TokenCalibration | None = None,
     ) -> None:
         self._config = config
         self.precise = precise
+        self.indexes_answers = precise is None  # precise pools hear of output blocks by events
         self.cost_model = CostModel(config)
-        self.index = PrefixIndex(index_config)
+        self.index = PrefixIndex(index_config, calibration)
+        self.feedback = CacheFeedback(self.index)
         self.sessions = SessionTable(config.session_max_entries, config.session_ttl_s)
         self._rng = rng or random.Random()
 
@@ -62,10 +74,11 @@ class HybridCost:
         keys = index.block_keys(request.key)
         matched = index.match(keys) if keys else {}
         prompt_tokens = request.prompt_tokens
-        cached = [index.tokens_of(matched.get(w.id, 0), prompt_tokens) for w in candidates]
+        blocks = [matched.get(w.id, 0) for w in candidates]
+        cached = [index.tokens_of(b, prompt_tokens) for b in blocks]
         ttft = self.cost_model.ttft_s
         costs = [ttft(w, prompt_tokens - c) for w, c in zip(candidates, cached, strict=True)]
-        return Estimate(keys, cached, costs)
+        return Estimate(keys, cached, costs, blocks)
 
     def _estimate_precise(
         self,
@@ -80,7 +93,8 @@ class HybridCost:
         cached = [precise.cached_tokens(held.get(w.id, 0), prompt_tokens) for w in candidates]
         ttft = self.cost_model.ttft_s
         costs = [ttft(w, prompt_tokens - c) for w, c in zip(candidates, cached, strict=True)]
-        return Estimate([], cached, costs)  # no approximate keys: events tell other replicas
+        # No approximate keys: KV events tell other replicas.
+        return Estimate([], cached, costs, [0] * len(cached))
 
     def _affine(self, cached: list[int], costs: list[float], best: float) -> int:
         """The worker holding the most of the prompt, if its estimate is near the best.
@@ -101,7 +115,7 @@ class HybridCost:
         return holders[0] if len(holders) == 1 else self._rng.choice(holders)
 
     def pick(self, request: RoutingRequest, candidates: Sequence[Worker]) -> Decision:
-        keys, cached, costs = self.estimate(request, candidates)
+        keys, cached, costs, blocks = self.estimate(request, candidates)
         precise = self.precise if request.block_hashes is not None else None
         best = min(costs)
 
@@ -121,10 +135,7 @@ class HybridCost:
         if chosen < 0:
             ties = [i for i, cost in enumerate(costs) if cost <= best + _TIE_S]
             if len(ties) > 1:
-                # Equal estimates (typically idle workers and a cold prompt): the worker caching
-                # least goes first, so distinct shared prefixes land on distinct workers.
-                held = [(precise or self.index).blocks_of(candidates[i].id) for i in ties]
-                ties = [i for i, h in zip(ties, held, strict=True) if h == min(held)]
+                ties = self._least_valuable_eviction(request, candidates, ties, precise)
             chosen = ties[0] if len(ties) == 1 else self._rng.choice(ties)
             if cached[chosen]:
                 reason = "prefix_hit"
@@ -133,22 +144,70 @@ class HybridCost:
             else:
                 reason = "cold"
         worker = candidates[chosen]
+        stamp = 0
         if precise is not None and request.block_hashes is not None:
             precise.speculate(worker.id, request.block_hashes)
         else:
-            self.index.insert(worker.id, keys)
+            index = self.index
+            stamp = index.stamp_at(worker.id, keys, index.depth_of_blocks(blocks[chosen]))
+            index.insert(worker.id, keys)
         if session_id is not None:
             self.sessions.put(session_id, worker.id)
         return Decision(
-            worker=worker, reason=reason, matched_tokens=cached[chosen], block_keys=keys
+            worker=worker,
+            reason=reason,
+            matched_tokens=cached[chosen],
+            block_keys=keys,
+            index_stamp=stamp,
+            backlog_tokens=worker.prefill_backlog_tokens,
+            running=max(worker.reported.running, worker.in_flight),
         )
 
+    def _least_valuable_eviction(
+        self,
+        request: RoutingRequest,
+        candidates: Sequence[Worker],
+        ties: list[int],
+        precise: PreciseIndex | None,
+    ) -> list[int]:
+        """Among equal estimates (typically idle workers and a cold prompt), the workers where
+        this prompt's blocks push out the least: room first, then the oldest LRU entry; then
+        the worker caching least, so distinct shared prefixes land on distinct workers."""
+        if precise is None:
+            index = self.index
+            blocks = index.blocks_for_tokens(request.prompt_tokens)
+            costs = [index.eviction_cost(candidates[i].id, blocks) for i in ties]
+            ties = [i for i, c in zip(ties, costs, strict=True) if c == min(costs)]
+        held = [(precise or self.index).blocks_of(candidates[i].id) for i in ties]
+        return [i for i, h in zip(ties, held, strict=True) if h == min(held)]
+
     def observe(self, outcome: Outcome) -> None:
-        # The pick-time insert already records the served prompt (a served request leaves it
-        # cached), and sessions were updated at pick time; nothing more to learn yet.
-        return None
+        """Learn from an answer: index its text, correct the index from the cached tokens the
+        worker reported, and sample the worker's prefill rate (sessions and the prompt's own
+        blocks were recorded at pick time)."""
+        if not outcome.ok or outcome.request.block_hashes is not None:
+            return
+        decision = outcome.decision
+        worker = decision.worker
+        self.feedback.observe(worker, outcome)
+        if outcome.answer_key is not None:
+            index = self.index
+            index.insert(worker.id, index.block_keys(outcome.answer_key))
+        if outcome.ttft_s is not None:
+            prompt = outcome.prompt_tokens or outcome.request.prompt_tokens
+            cached = decision.matched_tokens
+            if outcome.cached_tokens is not None:
+                cached = outcome.cached_tokens
+            self.cost_model.rates.observe(
+                worker.id,
+                decision.backlog_tokens + max(0, prompt - cached),
+                decision.running,
+                outcome.ttft_s,
+            )
 
     def forget_worker(self, worker: Worker) -> None:
+        self.cost_model.rates.forget(worker.id)
+        self.feedback.forget(worker.id)
         self.index.remove_worker(worker.id)
         if self.precise is not None:
             self.precise.remove_worker(worker.id)

@@ -39,6 +39,13 @@ def routing_key(body: Mapping[str, Any], kind: Literal["chat", "completions"]) -
     return "".join(parts)
 
 
+def extend_key(key: str, answer: str, chat: bool) -> str:
+    """The key of a prompt followed by its answer: what the next turn's key starts with."""
+    if chat:
+        return key + _message_text({"role": "assistant", "content": answer})
+    return key + answer
+
+
 def estimate_prompt_tokens(key: str) -> int:
     """A cheap estimate of prompt tokens (~4 characters each), at least 1."""
     return max(1, len(key) // CHARS_PER_TOKEN)

@@ -23,6 +23,7 @@ def least_loaded(candidates: Sequence[Worker], rng: random.Random) -> Worker:
 
 class LeastLoad:
     name = "least_load"
+    indexes_answers = False
 
     def __init__(self, rng: random.Random | None = None) -> None:
         self._rng = rng or random.Random()

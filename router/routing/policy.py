@@ -42,6 +42,13 @@ class Decision:
     block_keys: list[int] | None = None
     """The approximate index keys the policy recorded for the chosen worker, so other replicas
     can record them too."""
+    index_stamp: int = 0
+    """Recency stamp of the chosen worker's deepest matched index entry before this pick, so
+    the outcome can tell what the worker evicted."""
+    backlog_tokens: int = 0
+    """The chosen worker's prefill backlog (tokens) at pick time, and its running sequences:
+    what the request waited behind, for learning the worker's rates from its TTFT."""
+    running: int = 0
 
 
 @dataclass(slots=True)
@@ -54,10 +61,15 @@ class Outcome:
     prompt_tokens: int | None = None
     cached_tokens: int | None = None
     ttft_s: float | None = None
+    """Streamed answers only: a non-streamed one's first byte comes when it is complete."""
+    answer_key: str | None = None
+    """The routing key extended by the answer's text (policies that index answers)."""
 
 
 class Policy(Protocol):
     name: str
+    indexes_answers: bool
+    """Whether outcomes should carry `answer_key` (the relay keeps the text only then)."""
 
     def pick(self, request: RoutingRequest, candidates: Sequence[Worker]) -> Decision:
         """Choose one of `candidates` (never empty, all routable). No I/O, no awaits."""

@@ -16,6 +16,7 @@ import random
 from collections.abc import Sequence
 
 from router.config import IndexConfig, PrefixPolicy
+from router.routing.calibration import TokenCalibration
 from router.routing.policy import Decision, Outcome, RoutingRequest
 from router.routing.prefix_index import PrefixIndex
 from router.upstream.worker import Worker
@@ -23,12 +24,17 @@ from router.upstream.worker import Worker
 
 class PrefixAffinity:
     name = "prefix"
+    indexes_answers = False
 
     def __init__(
-        self, config: PrefixPolicy, index_config: IndexConfig, rng: random.Random | None = None
+        self,
+        config: PrefixPolicy,
+        index_config: IndexConfig,
+        rng: random.Random | None = None,
+        calibration: TokenCalibration | None = None,
     ) -> None:
         self._config = config
-        self.index = PrefixIndex(index_config)
+        self.index = PrefixIndex(index_config, calibration)
         self._rng = rng or random.Random()
 
     def pick(self, request: RoutingRequest, candidates: Sequence[Worker]) -> Decision:

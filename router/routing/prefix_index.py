@@ -39,11 +39,15 @@ from typing import Any
 import pygtrie
 
 from router.config import IndexConfig
+from router.routing.calibration import TokenCalibration
 from router.routing.key import CHARS_PER_TOKEN
 from router.upstream.worker import Worker
 
 _ROOT = -1
 _VLLM_BLOCK_TOKENS = 16
+_WEIGHT_BITS = 24
+"""An LRU value packs the entry's recency stamp above its weight (blocks it stands for)."""
+_WEIGHT_MASK = (1 << _WEIGHT_BITS) - 1
 
 
 class Checkpoints:
@@ -80,6 +84,7 @@ class _Account:
     budget: int
     used: int = 0
     lru: OrderedDict[int, int] = field(default_factory=OrderedDict)
+    """key -> stamp << _WEIGHT_BITS | weight, least recently used first."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,10 +98,13 @@ class IndexStats:
 class PrefixIndex:
     """Approximate prefix index; `backend` picks the holder structure (see module doc)."""
 
-    def __init__(self, config: IndexConfig) -> None:
+    def __init__(self, config: IndexConfig, calibration: TokenCalibration | None = None) -> None:
         self.config = config
         self.block_chars = config.block_chars
-        self.tokens_per_block = max(1, config.block_chars // CHARS_PER_TOKEN)
+        self.calibration = calibration or TokenCalibration()
+        self._calibrated = -1
+        self.tokens_per_block = config.block_chars / CHARS_PER_TOKEN
+        self._stamp = 0
         self._checkpoints = Checkpoints(config.dense_blocks, config.block_chars)
         self._accounts: dict[str, _Account] = {}
         self._owners: dict[int, str] = {}
@@ -126,7 +134,17 @@ class PrefixIndex:
 
     def tokens_of(self, blocks: int, prompt_tokens: int) -> int:
         """Estimated prompt tokens in `blocks` leading blocks, capped by the prompt's size."""
-        return min(prompt_tokens, blocks * self.tokens_per_block)
+        return min(prompt_tokens, int(blocks * self.tokens_per_block))
+
+    def blocks_for_tokens(self, tokens: int) -> int:
+        """Index blocks spanning `tokens` tokens of this pool's text."""
+        return int(tokens / self.tokens_per_block)
+
+    def depth_of_blocks(self, blocks: int) -> int:
+        """How many keys cover at most `blocks` leading blocks (inverse of `blocks_at`)."""
+        if blocks <= 0:
+            return 0
+        return self._checkpoints.count(blocks)
 
     def blocks_at(self, depth: int) -> int:
         """Blocks covered by the first `depth` keys of a prompt."""
@@ -199,14 +217,17 @@ class PrefixIndex:
         weights = self._checkpoints.weights
         added_blocks = 0
         added_entries = 0
+        self._stamp += 1
+        stamp = self._stamp << _WEIGHT_BITS
         # Deepest first, so ancestors end up more recent than descendants (prefix-closed LRU).
         for depth in range(len(block_keys) - 1, -1, -1):
             k = block_keys[depth]
+            weight = weights[depth]
             if k in lru:
+                lru[k] = stamp | weight
                 lru.move_to_end(k)
                 continue
-            weight = weights[depth]
-            lru[k] = weight
+            lru[k] = stamp | weight
             added_blocks += weight
             added_entries += 1
             self._add_holder(block_keys, depth, bit)
@@ -227,7 +248,13 @@ class PrefixIndex:
             self._evict(account, account.used - account.budget)
 
     def sync_capacities(self, workers: Iterable[Worker]) -> None:
-        """Size each worker's budget from its KV capacity when that changed (cheap per pick)."""
+        """Size each worker's budget from its KV capacity when that or the pool's characters
+        per token changed (cheap per pick)."""
+        calibration = self.calibration
+        if calibration.version != self._calibrated:
+            self._calibrated = calibration.version
+            self.tokens_per_block = self.block_chars / calibration.bytes_per_token
+            self._capacity_seen.clear()
         for worker in workers:
             seen = (worker.capacity_blocks, worker.reported.block_size)
             if self._capacity_seen.get(worker.id) == seen:
@@ -236,7 +263,53 @@ class PrefixIndex:
             capacity, block_size = seen
             if capacity:
                 tokens = capacity * (block_size or _VLLM_BLOCK_TOKENS)
-                self.set_capacity(worker.id, tokens // self.tokens_per_block)
+                self.set_capacity(worker.id, self.blocks_for_tokens(tokens))
+
+    def budget_of(self, worker_id: str) -> int:
+        account = self._accounts.get(worker_id)
+        return account.budget if account else self.config.default_capacity_blocks
+
+    # -- what workers report ----------------------------------------------------------------
+
+    def stamp_at(self, worker_id: str, block_keys: list[int], depth: int) -> int:
+        """Recency stamp of the worker's entry for the first `depth` keys (0: none)."""
+        account = self._accounts.get(worker_id)
+        if account is None or depth <= 0:
+            return 0
+        value = account.lru.get(block_keys[depth - 1])
+        return 0 if value is None else value >> _WEIGHT_BITS
+
+    def drop_older(self, worker_id: str, stamp: int) -> int:
+        """Forget the worker's entries last used at or before `stamp`; the blocks freed.
+
+        A worker that reports fewer cached tokens than an entry promised evicted it, and under
+        LRU everything it used before that went first: none of it is there any more."""
+        account = self._accounts.get(worker_id)
+        if account is None or stamp <= 0:
+            return 0
+        lru = account.lru
+        bit = 1 << account.bit
+        freed = 0
+        limit = (stamp + 1) << _WEIGHT_BITS
+        while lru:
+            k, value = next(iter(lru.items()))
+            if value >= limit:
+                break
+            del lru[k]
+            freed += value & _WEIGHT_MASK
+            self._entries_total -= 1
+            self._remove_holder(k, bit)
+        account.used -= freed
+        self._blocks_total -= freed
+        return freed
+
+    def eviction_cost(self, worker_id: str, blocks: int) -> int:
+        """How valuable what `blocks` new blocks would evict on this worker is: 0 when it has
+        room, else the recency stamp of its least recently used entry (older is cheaper)."""
+        account = self._accounts.get(worker_id)
+        if account is None or account.used + blocks <= account.budget or not account.lru:
+            return 0
+        return next(iter(account.lru.values())) >> _WEIGHT_BITS
 
     def remove_worker(self, worker_id: str) -> None:
         """Purge every entry of a worker that left the pool, and free its slot."""
@@ -261,8 +334,8 @@ class PrefixIndex:
         freed = 0
         lru = account.lru
         while freed < blocks and lru:
-            k, weight = lru.popitem(last=False)
-            freed += weight
+            k, value = lru.popitem(last=False)
+            freed += value & _WEIGHT_MASK
             self._entries_total -= 1
             self._remove_holder(k, bit)
         account.used -= freed

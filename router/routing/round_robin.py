@@ -10,6 +10,7 @@ from router.upstream.worker import Worker
 
 class RoundRobin:
     name = "round_robin"
+    indexes_answers = False
 
     def __init__(self) -> None:
         self._counter = 0

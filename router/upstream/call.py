@@ -31,6 +31,8 @@ class UpstreamCall:
     # Rewrites each block of complete events before it reaches the client (the seed API's
     # event shape); usage and [DONE] are read from the upstream bytes before it runs.
     transform: Callable[[bytes], bytes] | None = None
+    collect_answer: bool = False
+    """Keep the answer's text for the policy (it indexes prompt plus answer)."""
     on_decision: Callable[[Decision], None] | None = None
     """Called once per routing decision, before the request is sent (to share it)."""
 
@@ -45,6 +47,7 @@ class CallResult:
     attempts: int = 0
     ttft_s: float | None = None
     usage: Usage | None = None
+    answer: str | None = None
     stream_broken: bool = False
     # perf_counter stamps and the worker's own wait, for the gateway-overhead metric.
     sent_at: float = 0.0

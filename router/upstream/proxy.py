@@ -22,7 +22,9 @@ from aiohttp import web
 from router.config import RetryConfig, TimeoutsConfig
 from router.errors import GatewayError, NoCapacity, UpstreamFailed, UpstreamTimeout
 from router.metrics import GatewayMetrics
+from router.routing.key import extend_key
 from router.routing.policy import Decision, Outcome, RoutingRequest
+from router.upstream.answer import AnswerBytes, answer_of
 from router.upstream.call import CallResult, UpstreamCall
 from router.upstream.http1 import Connection, Head, UpstreamClient, format_request
 from router.upstream.outlier import OutlierDetector
@@ -291,9 +293,12 @@ class Proxy:
         result.upstream_ttfb_s = now - result.sent_at
         result.status = 200
         try:
-            result.usage = usage_from(json.loads(body))
+            payload = json.loads(body)
         except ValueError:
-            result.usage = None
+            payload = None
+        result.usage = usage_from(payload)
+        if call.collect_answer:
+            result.answer = answer_of(payload)
         self._finish(call, decision, result, ok=True)
         response = web.Response(body=body, status=200, content_type=_JSON)
         self._decorate(response, call, decision)
@@ -335,6 +340,7 @@ class Proxy:
 
         idle_s = self._timeouts.idle_s
         pending = b""
+        answer = AnswerBytes() if call.collect_answer else None
         saw_done = False
         drop_usage = not call.client_wants_usage
         transform = call.transform
@@ -361,6 +367,8 @@ class Proxy:
                     saw_done = True
                 if transform is not None:
                     data = transform(data)
+                if answer is not None:
+                    answer.add(data)
                 if data:
                     await response.write(data)
                     now = time.perf_counter()
@@ -379,6 +387,8 @@ class Proxy:
         if not saw_done:
             await self._end_broken_stream(response, call, decision, result, "no_done")
             return response
+        if answer is not None:
+            result.answer = answer.text()
         self._finish(call, decision, result, ok=True)
         await response.write_eof()
         return response
@@ -416,14 +426,22 @@ class Proxy:
         if ok:
             self._outlier.success(decision.worker)
         usage = result.usage
+        routing = call.routing
+        if usage is not None:
+            call.pool.calibration.observe(routing.key, usage.prompt_tokens)
+        answer = result.answer
         call.pool.policy.observe(
             Outcome(
-                call.routing,
+                routing,
                 decision,
                 ok=ok,
                 prompt_tokens=usage.prompt_tokens if usage else None,
-                cached_tokens=usage.cached_tokens if usage else None,
-                ttft_s=result.ttft_s,
+                cached_tokens=usage.cached_tokens if usage and usage.cached_reported else None,
+                # A non-streamed answer's first byte comes when it is complete: no TTFT.
+                ttft_s=result.ttft_s if call.stream else None,
+                answer_key=None
+                if answer is None or not ok
+                else extend_key(routing.key, answer, call.path.endswith("chat/completions")),
             )
         )
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from router.config import GatewayConfig, PoolConfig
 from router.errors import ModelNotFound
+from router.routing.calibration import TokenCalibration
 from router.routing.factory import build_policy
 from router.routing.policy import Policy
 from router.routing.precise_key import PreciseKeyer
@@ -26,6 +27,9 @@ class Pool:
     workers: list[Worker] = field(default_factory=list)
     keyer: PreciseKeyer | None = None
     """Tokenizer and block hashing of a pool in precise mode."""
+    calibration: TokenCalibration = field(default_factory=TokenCalibration)
+    """Characters per token of this pool's traffic, learned from workers' usage; it outlives
+    reloads, as the traffic does."""
 
     def candidates(self) -> list[Worker]:
         routable = [w for w in self.workers if w.routable]
@@ -62,6 +66,7 @@ class Registry:
         kept_policy: set[str] = set()
         for name, pool_config in config.pools.items():
             old = self._pools.get(name)
+            calibration = old.calibration if old is not None else TokenCalibration()
             if (
                 old is not None
                 and old.config.policy == pool_config.policy
@@ -72,14 +77,21 @@ class Registry:
                 kept_policy.add(name)
             else:
                 policy = build_policy(
-                    name, pool_config.policy, pool_config.index, self._rng, pool_config.precise
+                    name,
+                    pool_config.policy,
+                    pool_config.index,
+                    self._rng,
+                    pool_config.precise,
+                    calibration,
                 )
             keyer = None
             if pool_config.precise is not None:
                 same = old is not None and old.config.precise == pool_config.precise
                 keyer = old.keyer if same and old is not None else None
                 keyer = keyer or PreciseKeyer(pool_config.precise)
-            pool = Pool(name=name, config=pool_config, policy=policy, keyer=keyer)
+            pool = Pool(
+                name=name, config=pool_config, policy=policy, keyer=keyer, calibration=calibration
+            )
             pools[name] = pool
             for model in (name, *pool_config.aliases):
                 by_model[model] = pool

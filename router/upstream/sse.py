@@ -19,6 +19,9 @@ class Usage:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
+    cached_reported: bool = False
+    """Whether `cached_tokens` was a number: vLLM sends null both for 0 and when it runs
+    without `--enable-prompt-tokens-details`."""
 
 
 def usage_from(payload: Any) -> Usage | None:
@@ -38,6 +41,7 @@ def usage_from(payload: Any) -> Usage | None:
         prompt_tokens=as_int(usage.get("prompt_tokens")),
         completion_tokens=as_int(usage.get("completion_tokens")),
         cached_tokens=as_int(cached),
+        cached_reported=isinstance(cached, int) and not isinstance(cached, bool),
     )
 
 

@@ -1,0 +1,159 @@
+"""What hybrid learns from answers: characters per token, evictions, capacity, rates, answers."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from router.config import HybridPolicy, IndexConfig
+from router.routing.calibration import TokenCalibration
+from router.routing.hybrid import HybridCost
+from router.routing.key import extend_key, routing_key
+from router.routing.policy import Outcome, RoutingRequest
+from router.routing.prefix_index import PrefixIndex
+from router.routing.rates import LearnedRates
+from router.upstream.answer import AnswerBytes, answer_of
+from router.upstream.worker import Health, Worker
+
+
+def workers(n: int) -> list[Worker]:
+    return [
+        Worker(id=f"w{i}", url=f"http://w{i}", pool="p", health=Health.HEALTHY) for i in range(n)
+    ]
+
+
+def text(rng: random.Random, words: int, letters: int = 3) -> str:
+    return " ".join("".join(rng.choices("abcdefgh", k=letters)) for _ in range(words))
+
+
+def request(policy: HybridCost, key: str) -> RoutingRequest:
+    tokens = policy.index.calibration.estimate_tokens(key)
+    return RoutingRequest(model="m", key=key, prompt_tokens=tokens, max_tokens=8)
+
+
+def test_calibration_learns_characters_per_token_and_bumps_version() -> None:
+    calibration = TokenCalibration()
+    key = "x" * 1200
+    for _ in range(40):
+        calibration.observe(key, 100)  # 12 characters per token
+    assert calibration.chars_per_token == pytest.approx(12, rel=0.05)
+    assert calibration.estimate_tokens(key) == pytest.approx(100, rel=0.05)
+    assert calibration.version > 0
+    before = calibration.chars_per_token
+    calibration.observe(key, 3)  # too short to say anything
+    calibration.observe("", 500)
+    assert calibration.chars_per_token == before
+
+
+def test_index_budget_follows_calibrated_characters_per_token() -> None:
+    calibration = TokenCalibration()
+    index = PrefixIndex(IndexConfig(), calibration)
+    worker = workers(1)[0]
+    worker.kv_capacity_blocks = 1000  # 16,000 tokens
+    index.sync_capacities([worker])
+    assert index.budget_of("w0") == 16000 * 4 // 64
+    for _ in range(60):
+        calibration.observe("y" * 1200, 100)
+    index.sync_capacities([worker])
+    assert index.budget_of("w0") == pytest.approx(16000 * 12 / 64, rel=0.05)
+
+
+def test_fewer_cached_tokens_than_predicted_drops_what_the_worker_evicted() -> None:
+    rng = random.Random(3)
+    policy = HybridCost(HybridPolicy(), IndexConfig(), random.Random(1))
+    ws = workers(1)
+    old = [request(policy, text(rng, 400)) for _ in range(3)]
+    for r in old:
+        policy.pick(r, ws)
+    probe = old[1]
+    decision = policy.pick(probe, ws)
+    assert decision.matched_tokens > 300
+    # The worker says it held nothing: it evicted this prompt, and so the one used before it.
+    policy.observe(Outcome(probe, decision, ok=True, prompt_tokens=400, cached_tokens=0))
+    index = policy.index
+    assert not index.match(index.block_keys(old[0].key))
+    assert index.match(index.block_keys(old[2].key))  # used after the evicted one: kept
+    assert index.match(index.block_keys(probe.key))  # just computed again: held now
+    assert policy.feedback.evictions_seen == 1
+
+
+def test_unreported_capacity_is_learned_from_cached_tokens() -> None:
+    rng = random.Random(4)
+    policy = HybridCost(HybridPolicy(), IndexConfig(default_capacity_blocks=50_000))
+    ws = workers(1)
+    prompts = [request(policy, text(rng, 400)) for _ in range(6)]
+    for r in prompts:
+        policy.pick(r, ws)
+    decision = policy.pick(prompts[0], ws)
+    policy.observe(Outcome(prompts[0], decision, ok=True, prompt_tokens=400, cached_tokens=0))
+    shrunk = policy.index.budget_of("w0")
+    assert shrunk < 50_000
+    # Later the worker holds a prompt the index had already let go of: the budget grows.
+    fresh = request(policy, text(rng, 2000))
+    decision = policy.pick(fresh, ws)
+    decision.matched_tokens = 0
+    policy.observe(Outcome(fresh, decision, ok=True, prompt_tokens=2000, cached_tokens=1600))
+    assert policy.index.budget_of("w0") > shrunk
+
+
+def test_null_cached_tokens_count_only_after_the_worker_reported_numbers() -> None:
+    rng = random.Random(5)
+    policy = HybridCost(HybridPolicy(), IndexConfig())
+    ws = workers(1)
+    r = request(policy, text(rng, 400))
+    policy.pick(r, ws)
+    decision = policy.pick(r, ws)
+    policy.observe(Outcome(r, decision, ok=True, prompt_tokens=400, cached_tokens=None))
+    assert policy.feedback.evictions_seen == 0  # null from a worker that never sent a number
+    policy.observe(Outcome(r, decision, ok=True, prompt_tokens=400, cached_tokens=384))
+    policy.observe(Outcome(r, decision, ok=True, prompt_tokens=400, cached_tokens=None))
+    assert policy.feedback.evictions_seen == 1  # now null means 0
+
+
+def test_answer_is_indexed_so_the_next_turn_matches_its_whole_history() -> None:
+    rng = random.Random(6)
+    policy = HybridCost(HybridPolicy(), IndexConfig(), random.Random(1))
+    ws = workers(4)
+    messages = [{"role": "system", "content": text(rng, 300)}, {"role": "user", "content": "hi"}]
+    first = request(policy, routing_key({"messages": messages}, "chat"))
+    decision = policy.pick(first, ws)
+    answer = text(rng, 300)
+    answer_key = extend_key(first.key, answer, chat=True)
+    policy.observe(Outcome(first, decision, ok=True, answer_key=answer_key))
+    turn2 = [*messages, {"role": "assistant", "content": answer}, {"role": "user", "content": "?"}]
+    second_key = routing_key({"messages": turn2}, "chat")
+    assert second_key.startswith(answer_key)
+    held = policy.index.match(policy.index.block_keys(second_key))
+    assert held[decision.worker.id] * 64 > len(first.key) + 0.9 * len(answer)
+
+
+def test_learned_rates_recover_a_workers_prefill_rate_and_decode_cost() -> None:
+    rates = LearnedRates(prior_rate=20_000, prior_decode_s=0.002, prior_weight=4)
+    rng = random.Random(7)
+    for _ in range(256):
+        tokens, running = rng.randrange(100, 4000), rng.randrange(0, 30)
+        ttft = 0.01 + tokens / 5000 + running * 0.004
+        if rng.random() < 0.05:
+            ttft += 2.0  # a stall: must not move the fit
+        rates.observe("w", tokens, running, ttft)
+    assert rates.rate("w") == pytest.approx(5000, rel=0.1)
+    assert rates.decode_s("w") == pytest.approx(0.004, rel=0.2)
+    assert rates.rate("other") == 20_000
+
+
+def test_answer_text_from_events_and_bodies() -> None:
+    answer = AnswerBytes()
+    answer.add(b'data: {"choices":[{"delta":{"role":"assistant","content":""}}]}\n\n')
+    answer.add(b'data: {"choices":[{"delta":{"content":"Hel"}}]}\n\ndata: {"choices":[{"d')
+    answer.add(b'elta":{"content":"lo \\"you\\"\\n\\u00e9"}}]}\n\ndata: [DONE]\n\n')
+    assert answer.text() == 'Hello "you"\n\u00e9'
+    completions = AnswerBytes()
+    completions.add(b'data: {"choices":[{"text":"a b","index":0}]}\n\n')
+    assert completions.text() == "a b"
+    assert answer_of({"choices": [{"message": {"content": "x"}}]}) == "x"
+    assert answer_of({"choices": [{"text": "y"}]}) == "y"
+    assert answer_of({"choices": []}) is None
+    huge = AnswerBytes()
+    huge.add(b"x" * (2 << 20))
+    assert huge.text() is None
