@@ -19,6 +19,7 @@ import asyncio
 import dataclasses
 import os
 import time
+from collections import Counter
 from typing import Any
 
 import aiohttp
@@ -233,6 +234,7 @@ def _summarize(
         "policy": policy,
         "requests": len(result.records),
         "errors": len(result.records) - len(ok),
+        "error_kinds": dict(Counter(r.error for r in result.records if not r.ok)),
         "hit_rate": cached / prompt if prompt else 0.0,
         "intrinsic": intrinsic_hits / intrinsic_total if intrinsic_total else 0.0,
         "pooled": pooled_hits / intrinsic_total if intrinsic_total else 0.0,

@@ -138,7 +138,12 @@ async def _background_tasks(app: web.Application) -> AsyncIterator[None]:
     checker.on_change.append(lambda _worker: state.admission.kick_all())
     state.registry.on_remove.append(lambda worker: checker.forget(worker.id))
     state.on_reload.append(lambda config: checker.reconfigure(config.health))
-    scraper = LoadScraper(state.registry, state.session, state.config.load_scrape)
+    scraper = LoadScraper(
+        state.registry,
+        state.session,
+        state.config.load_scrape,
+        shared_fleet=isinstance(state.backend, RedisState),
+    )
     state.on_reload.append(lambda config: scraper.reconfigure(config.load_scrape))
     # Probe once before serving so a healthy worker is routable from the first request.
     await checker.probe_all()

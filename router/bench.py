@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import importlib
 
-_MODULES = {
+BENCHMARKS = {
     "overhead": "loadtest.bench_overhead",
     "routing": "loadtest.bench_routing",
     "index": "loadtest.bench_index",
     "soak": "loadtest.bench_soak",
     "precise": "loadtest.bench_precise",
+    "routing-report": "loadtest.routing_charts",
 }
 
 
 def run_bench(name: str, argv: list[str]) -> int:
-    module = importlib.import_module(_MODULES[name])
+    module = importlib.import_module(BENCHMARKS[name])
     result: int = module.run(argv)
     return result

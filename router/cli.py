@@ -6,6 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from router.bench import BENCHMARKS
 from router.config import POLICY_NAMES, ConfigError, GatewayConfig, load_config, quick_config
 from router.logs import setup_logging
 
@@ -36,8 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
     keys_sub.add_parser("new", help="print a new key and the SHA-256 the YAML stores")
     key_hash = keys_sub.add_parser("hash", help="print the SHA-256 of KEY (- reads stdin)")
     key_hash.add_argument("key")
-    bench = sub.add_parser("bench", help="benchmarks: overhead, routing, index, soak, precise")
-    bench.add_argument("name", choices=("overhead", "routing", "index", "soak", "precise"))
+    bench = sub.add_parser(
+        "bench", help="benchmarks: overhead, routing, index, soak, precise, routing-report"
+    )
+    bench.add_argument("name", choices=sorted(BENCHMARKS))
     bench.add_argument("args", nargs=argparse.REMAINDER, help="options of that benchmark")
     return parser
 

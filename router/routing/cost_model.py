@@ -10,7 +10,8 @@ also sees other gateways' traffic). Both describe mostly the same requests, so o
 requests beyond the gateway's own in-flight count add to the backlog: charging a whole
 `queue_s_per_waiting` for a request the backlog already prices at a few milliseconds made a
 second-old snapshot of one busy step push cached prompts elsewhere. Likewise running sequences
-are the larger of the report and the gateway's `in_flight`.
+are the larger of the report and the gateway's `in_flight`. Behind several replicas, in flight
+counts the others' requests too (`Worker.peer_in_flight`, from the worker's last report).
 The last term is not a TTFT estimate but a deliberate price on concentration: a TTFT estimate
 alone sends every new session to the worker holding its system prompt whenever that is a little
 faster right now, although each session brings all its later turns along; charging each request
@@ -43,10 +44,11 @@ class CostModel:
     def ttft_s(self, worker: Worker, uncached_tokens: int) -> float:
         rates = self.rates
         rate = rates.rate(worker.id)
-        running = max(worker.reported.running, worker.in_flight)
+        in_flight = worker.fleet_in_flight
+        running = max(worker.reported.running, in_flight)
         return (
             self.queue_s(worker, rate)
             + max(0, uncached_tokens) / rate
             + running * rates.decode_s(worker.id)
-            + worker.in_flight * self._balance_s_per_request
+            + in_flight * self._balance_s_per_request
         )

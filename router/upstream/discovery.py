@@ -105,7 +105,7 @@ class Discovery:
                 self._registry.add_worker(worker)
                 log.info("worker %s (%s) registered for %s", worker_id, url, pool_name)
             worker.agent_id = worker_id
-            worker.reported = _load(registration, load)
+            worker.take_report(_load(registration, load), shared_fleet=True)
         for worker in list(pool.workers):
             if worker.discovered and worker.id not in records:
                 log.info("worker %s left %s: its registration lapsed", worker.id, pool_name)

@@ -90,7 +90,9 @@ class LoadScraper:
         registry: Registry,
         session: aiohttp.ClientSession,
         config: LoadScrapeConfig,
+        shared_fleet: bool = False,
     ) -> None:
+        self._shared_fleet = shared_fleet
         self._registry = registry
         self._session = session
         self._config = config
@@ -120,7 +122,7 @@ class LoadScraper:
             return
         load = parse_vllm_metrics(text)
         capacity_changed = load.num_gpu_blocks != worker.reported.num_gpu_blocks
-        worker.reported = load
+        worker.take_report(load, self._shared_fleet)
         if capacity_changed:
             for callback in self.on_capacity:
                 callback(worker)

@@ -11,6 +11,7 @@ in-flight counts return to zero on every ending, cancellation included.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import random
@@ -390,7 +391,9 @@ class Proxy:
         if answer is not None:
             result.answer = answer.text()
         self._finish(call, decision, result, ok=True)
-        await response.write_eof()
+        # A client that read [DONE] may hang up before the last chunk: nothing was lost.
+        with contextlib.suppress(ConnectionError):
+            await response.write_eof()
         return response
 
     async def _end_broken_stream(

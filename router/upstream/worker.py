@@ -51,6 +51,9 @@ class Worker:
     in_flight: int = 0
     prefill_backlog_tokens: int = 0
     """Uncached prompt tokens dispatched here that have not produced a first byte yet."""
+    peer_in_flight: int = 0
+    """Requests on this worker that other gateway replicas sent, as of its last report (0 for
+    a gateway that shares no fleet: nobody else sends it work)."""
     dispatched_total: int = 0
     consecutive_failures: int = 0
     ejected_until: float = 0.0
@@ -64,6 +67,20 @@ class Worker:
             and not self.draining
             and (not self.ejected_until or self.ejected_until <= time.monotonic())
         )
+
+    def take_report(self, load: ReportedLoad, shared_fleet: bool) -> None:
+        """Adopt the worker's own load report. With other replicas in front of the same fleet,
+        what it runs and queues beyond this gateway's own in-flight count is their traffic: a
+        replica that saw only its own share of the load would pile sessions onto workers the
+        others keep busy (imbalance 2.3 at two replicas)."""
+        self.reported = load
+        if shared_fleet:
+            self.peer_in_flight = max(0, load.running + load.waiting - self.in_flight)
+
+    @property
+    def fleet_in_flight(self) -> int:
+        """Requests in flight on this worker from every gateway, as well as this one knows."""
+        return self.in_flight + self.peer_in_flight
 
     @property
     def capacity_blocks(self) -> int | None:

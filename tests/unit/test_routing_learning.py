@@ -139,7 +139,7 @@ def test_learned_rates_recover_a_workers_prefill_rate_and_decode_cost() -> None:
         rates.observe("w", tokens, running, ttft)
     assert rates.rate("w") == pytest.approx(5000, rel=0.1)
     assert rates.decode_s("w") == pytest.approx(0.004, rel=0.2)
-    assert rates.rate("other") == 20_000
+    assert rates.rate("other") == rates.rate("w")  # a new worker starts from the pool's
 
 
 def test_answer_text_from_events_and_bodies() -> None:
@@ -157,3 +157,38 @@ def test_answer_text_from_events_and_bodies() -> None:
     huge = AnswerBytes()
     huge.add(b"x" * (2 << 20))
     assert huge.text() is None
+
+
+def test_other_replicas_load_from_worker_reports_steers_new_prompts() -> None:
+    from router.upstream.worker import ReportedLoad
+
+    ws = workers(2)
+    ws[0].in_flight = 1
+    ws[0].take_report(ReportedLoad(running=9, waiting=2), shared_fleet=True)
+    ws[1].take_report(ReportedLoad(running=1), shared_fleet=True)
+    assert ws[0].peer_in_flight == 10 and ws[1].peer_in_flight == 1
+    alone = workers(1)[0]
+    alone.take_report(ReportedLoad(running=9), shared_fleet=False)
+    assert alone.peer_in_flight == 0  # nobody else sends it work
+    policy = HybridCost(HybridPolicy(), IndexConfig(), random.Random(1))
+    prompt = request(policy, text(random.Random(8), 200))
+    policy.pick(prompt, ws[:1])  # w0 holds the prompt
+    peers, ws[0].peer_in_flight = ws[0].peer_in_flight, 0
+    ws[0].reported.running = 1
+    assert policy.pick(prompt, ws).worker.id == "w0"  # alone, this replica sees w0 nearly idle
+    # Other replicas keep w0 busy: copying the prompt to w1 beats queueing behind them.
+    ws[0].peer_in_flight = peers
+    assert policy.pick(prompt, ws).worker.id == "w1"
+
+
+def test_identical_workers_share_the_pools_rates_and_a_slow_one_keeps_its_own() -> None:
+    rates = LearnedRates(prior_rate=20_000, prior_decode_s=0.002, prior_weight=4)
+    rng = random.Random(9)
+    for n in range(600):
+        worker = f"w{n % 3}"
+        per_token = 1 / 10_000 if worker != "w2" else 1 / 3000
+        tokens = rng.randrange(100, 4000)
+        noise = rng.uniform(0.9, 1.1)  # fits of identical workers differ a little
+        rates.observe(worker, tokens, 0, (0.01 + tokens * per_token) * noise)
+    assert rates.rate("w0") == rates.rate("w1")  # noise must not tell them apart
+    assert rates.rate("w2") == pytest.approx(3000, rel=0.2)  # its own, blended with the prior
