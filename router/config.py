@@ -26,9 +26,22 @@ class TimeoutsConfig(Strict):
     """Per-phase upstream timeouts, in seconds."""
 
     connect_s: float = Field(2.0, gt=0)
-    first_byte_s: float = Field(60.0, gt=0)
+    first_byte_s: float = Field(
+        60.0, gt=0, description="streamed requests: from sending to the first event"
+    )
     idle_s: float = Field(30.0, gt=0, description="longest gap between two streamed chunks")
     total_s: float = Field(600.0, gt=0)
+    generation_s: float | None = Field(
+        None,
+        gt=0,
+        description="non-streamed requests: from sending to the whole answer (vLLM sends no "
+        "header before it is complete, so first_byte_s would cut long answers); "
+        "null: total_s alone bounds it",
+    )
+
+    @property
+    def non_streamed_s(self) -> float:
+        return self.generation_s if self.generation_s is not None else self.total_s
 
 
 class HealthConfig(Strict):
@@ -63,7 +76,13 @@ class RetryConfig(Strict):
     backoff_base_s: float = Field(0.005, ge=0)
     backoff_max_s: float = Field(0.1, ge=0)
     retry_on_429: bool = False
-    retry_on_first_byte_timeout: bool = True
+    retry_on_first_byte_timeout: bool = Field(
+        False,
+        description="send a request to another worker when the one that accepted it sent no "
+        "first event in first_byte_s (streamed) or no answer in generation_s (non-streamed); "
+        "off by default because that worker may still be generating, so a retry doubles the "
+        "GPU work and a slow answer becomes three",
+    )
 
 
 class LoadScrapeConfig(Strict):

@@ -185,7 +185,11 @@ class Proxy:
         uncached = max(0, call.routing.prompt_tokens - decision.matched_tokens)
         with worker.track(uncached) as dispatch:
             result.sent_at = time.perf_counter()
-            first_byte_deadline = self._loop_time() + self._timeouts.first_byte_s
+            # A non-streamed answer's head comes only once it is complete: its deadline is the
+            # generation's, not the first byte's.
+            timeouts = self._timeouts
+            wait_s = timeouts.first_byte_s if call.stream else timeouts.non_streamed_s
+            first_byte_deadline = self._loop_time() + wait_s
             conn, head = await self._open(worker, call, first_byte_deadline)
             try:
                 if head.status != 200:
@@ -201,7 +205,9 @@ class Proxy:
                         started,
                         first_byte_deadline,
                     )
-                return await self._relay_body(call, conn, decision, result, started)
+                return await self._relay_body(
+                    call, conn, decision, result, started, first_byte_deadline
+                )
             finally:
                 self._client.release(worker.url, conn)
 
@@ -223,11 +229,7 @@ class Proxy:
                 return conn, await conn.read_head(deadline)
             except TimeoutError:
                 self._client.release(worker.url, conn)
-                raise _Retryable(
-                    "first_byte_timeout",
-                    UpstreamTimeout(f"worker {worker.id} did not answer in time"),
-                    retryable=self._retries.retry_on_first_byte_timeout,
-                ) from None
+                raise self._accepted_timeout(worker, call) from None
             except ConnectionError as exc:
                 self._client.release(worker.url, conn)
                 if fresh or not conn.went_stale:
@@ -238,6 +240,16 @@ class Proxy:
                 self._client.release(worker.url, conn)  # cancelled: the worker must see it
                 raise
         raise AssertionError("unreachable: the fresh attempt returns or raises")
+
+    def _accepted_timeout(self, worker: Worker, call: UpstreamCall) -> _Retryable:
+        """The worker took the request and may still be generating: another worker gets it
+        only when the config asks, so one slow answer does not cost several GPUs."""
+        cause = "first_byte_timeout" if call.stream else "generation_timeout"
+        return _Retryable(
+            cause,
+            UpstreamTimeout(f"worker {worker.id} did not answer in time"),
+            retryable=self._retries.retry_on_first_byte_timeout,
+        )
 
     async def _send(self, worker: Worker, call: UpstreamCall, fresh: bool = False) -> Connection:
         """Connect (or reuse a kept-alive connection) and send the request in one write."""
@@ -284,10 +296,13 @@ class Proxy:
         decision: Decision,
         result: CallResult,
         started: float,
+        deadline: float,
     ) -> web.StreamResponse:
         try:
-            body = await _read_all(conn, self._loop_time() + self._timeouts.first_byte_s)
-        except (ConnectionError, TimeoutError) as exc:
+            body = await _read_all(conn, deadline)
+        except TimeoutError:
+            raise self._accepted_timeout(decision.worker, call) from None
+        except ConnectionError as exc:
             raise _Retryable("read", UpstreamFailed(f"worker broke the response: {exc}")) from None
         now = time.perf_counter()
         result.ttft_s = now - started

@@ -104,7 +104,8 @@ async def test_hung_worker_is_ejected_then_readmitted(
     config = gateway_config(
         [hung.url, good.url],
         pool={"policy": {"name": "round_robin"}},
-        timeouts={"first_byte_s": 0.3},
+        timeouts={"first_byte_s": 0.3, "generation_s": 0.3},
+        retries={"retry_on_first_byte_timeout": True},
         outlier={"consecutive_failures": 2, "base_ejection_s": 0.5},
     )
     url = await gateway(config)
