@@ -93,7 +93,7 @@ class Proxy:
         last_cause = ""
         self._active += 1
         try:
-            async with asyncio.timeout(self._timeouts.total_s):
+            async with asyncio.timeout(self._timeouts.total_s) as total:
                 while counted < self._retries.max_attempts:
                     candidates = [w for w in call.pool.candidates() if w not in tried]
                     if not candidates:
@@ -106,7 +106,9 @@ class Proxy:
                         await asyncio.sleep(self._backoff_s(result.attempts))
                         self._retrying += 1
                     try:
-                        return await self._try_once(request, call, result, candidates, started)
+                        return await self._try_once(
+                            request, call, result, candidates, started, total
+                        )
                     except _Retryable as exc:
                         if not exc.retryable:
                             raise exc.error from None
@@ -142,6 +144,7 @@ class Proxy:
         result: CallResult,
         candidates: list[Worker],
         started: float,
+        total: asyncio.Timeout,
     ) -> web.StreamResponse:
         policy = call.pool.policy
         t0 = time.perf_counter()
@@ -153,7 +156,7 @@ class Proxy:
         result.attempts += 1
         result.worker, result.decision = worker, decision
         try:
-            return await self._attempt(request, call, decision, result, started)
+            return await self._attempt(request, call, decision, result, started, total)
         except _Retryable as exc:
             exc.worker = worker
             self._metrics.upstream_failures.labels(exc.cause).inc()
@@ -180,6 +183,7 @@ class Proxy:
         decision: Decision,
         result: CallResult,
         started: float,
+        total: asyncio.Timeout,
     ) -> web.StreamResponse:
         worker = decision.worker
         uncached = max(0, call.routing.prompt_tokens - decision.matched_tokens)
@@ -204,6 +208,7 @@ class Proxy:
                         result,
                         started,
                         first_byte_deadline,
+                        total,
                     )
                 return await self._relay_body(
                     call, conn, decision, result, started, first_byte_deadline
@@ -330,6 +335,7 @@ class Proxy:
         result: CallResult,
         started: float,
         first_byte_deadline: float,
+        total: asyncio.Timeout,
     ) -> web.StreamResponse:
         try:
             first = await conn.read(first_byte_deadline)
@@ -353,6 +359,10 @@ class Proxy:
         self._decorate(response, call, decision)
         await response.prepare(request)
         result.status = 200
+        # Past the status line no HTTP error can reach the client, so the total deadline moves
+        # from the caller's scope to this stream, which ends it with an error event.
+        stream_deadline = asyncio.timeout_at(total.when())
+        total.reschedule(None)
 
         idle_s = self._timeouts.idle_s
         pending = b""
@@ -364,39 +374,43 @@ class Proxy:
         last_write = 0.0
         chunk = first
         try:
-            while chunk:
-                data = pending + chunk if pending else chunk
-                if data.endswith(EVENT_END):
-                    pending = b""
-                else:
-                    cut = data.rfind(EVENT_END)
-                    if cut < 0:
-                        pending = data
-                        chunk = await conn.read(self._loop_time() + idle_s)
-                        continue
-                    data, pending = data[: cut + 2], data[cut + 2 :]
-                if b'"usage"' in data:
-                    data, usage, done = split_usage_event(data, drop_usage)
-                    result.usage = usage or result.usage
-                    saw_done = saw_done or done
-                elif data.endswith(DONE):
-                    saw_done = True
-                if transform is not None:
-                    data = transform(data)
-                if answer is not None:
-                    answer.add(data)
-                if data:
-                    await response.write(data)
-                    now = time.perf_counter()
-                    if last_write:
-                        gaps.observe(now - last_write)
+            async with stream_deadline:
+                while chunk:
+                    data = pending + chunk if pending else chunk
+                    if data.endswith(EVENT_END):
+                        pending = b""
                     else:
-                        result.first_write_at = now
-                    last_write = now
-                chunk = await conn.read(self._loop_time() + idle_s)
+                        cut = data.rfind(EVENT_END)
+                        if cut < 0:
+                            pending = data
+                            chunk = await conn.read(self._loop_time() + idle_s)
+                            continue
+                        data, pending = data[: cut + 2], data[cut + 2 :]
+                    if b'"usage"' in data:
+                        data, usage, done = split_usage_event(data, drop_usage)
+                        result.usage = usage or result.usage
+                        saw_done = saw_done or done
+                    elif data.endswith(DONE):
+                        saw_done = True
+                    if transform is not None:
+                        data = transform(data)
+                    if answer is not None:
+                        answer.add(data)
+                    if data:
+                        await response.write(data)
+                        now = time.perf_counter()
+                        if last_write:
+                            gaps.observe(now - last_write)
+                        else:
+                            result.first_write_at = now
+                        last_write = now
+                    chunk = await conn.read(self._loop_time() + idle_s)
         except (ConnectionError, TimeoutError) as exc:
             if request.transport is None or request.transport.is_closing():
                 raise  # the client left; nothing to tell it
+            if stream_deadline.expired():
+                await self._end_overdue_stream(response, call, decision, result)
+                return response
             cause = "idle_timeout" if isinstance(exc, TimeoutError) else "stream_broken"
             await self._end_broken_stream(response, call, decision, result, cause)
             return response
@@ -437,6 +451,27 @@ class Proxy:
             await response.write_eof()
         except ConnectionError:
             pass
+
+    async def _end_overdue_stream(
+        self,
+        response: web.StreamResponse,
+        call: UpstreamCall,
+        decision: Decision,
+        result: CallResult,
+    ) -> None:
+        """The answer outlived the total deadline. A long answer is no broken worker, so no
+        outlier failure; but the client must not take the cut answer for a finished one."""
+        result.stream_broken = True
+        self._metrics.stream_errors.labels(call.pool.name).inc()
+        log.warning(
+            "stream from %s ran past total_s, request %s", decision.worker.id, call.request_id
+        )
+        self._finish(call, decision, result, ok=False)
+        with contextlib.suppress(ConnectionError):
+            await response.write(
+                error_event("the request ran past its total deadline", "upstream_error", "timeout")
+            )
+            await response.write_eof()
 
     def _finish(
         self, call: UpstreamCall, decision: Decision, result: CallResult, *, ok: bool

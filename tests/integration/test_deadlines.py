@@ -5,6 +5,8 @@ total deadline ends a started stream with one error event."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 from typing import Any
 
 import aiohttp
@@ -110,3 +112,60 @@ async def test_first_byte_timeouts_are_retried_when_the_config_asks(
                 await resp.read()
             hits += await injected() - before
         assert hits >= 1, f"no {'streamed' if stream else 'non-streamed'} request met the hang"
+
+
+async def _raw_post(url: str, path: str, body: dict[str, Any]) -> bytes:
+    """The gateway's bytes exactly as sent, up to the connection's end: a second status line
+    written into a prepared response would show here, where an HTTP client may hide it."""
+    host, port = url.removeprefix("http://").split(":")
+    payload = json.dumps(body).encode()
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(
+            f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n".encode()
+            + payload
+        )
+        async with asyncio.timeout(30):  # a hang fails the test
+            return await reader.read()
+    finally:
+        writer.close()
+
+
+def _dechunk(body: bytes) -> bytes:
+    out = bytearray()
+    while True:
+        size_line, _, body = body.partition(b"\r\n")
+        size = int(size_line, 16)  # anything but a chunk size here is broken framing
+        if size == 0:
+            assert body == b"\r\n", body[:200]
+            return bytes(out)
+        out += body[:size]
+        assert body[size : size + 2] == b"\r\n"
+        body = body[size + 2 :]
+
+
+async def test_the_total_deadline_ends_a_started_stream_with_one_error_event(
+    sims: SimFactory, gateway: GatewayFactory, http: aiohttp.ClientSession
+) -> None:
+    (sim,) = await sims(1)
+    # Two tokens, then a stall far past the total deadline (and inside the idle timeout).
+    await _faults(
+        http, sim, {"kind": "stall_between_tokens", "after_tokens": 2, "stall_s": 60, "count": 1}
+    )
+    url = await gateway(gateway_config([sim.url], timeouts={"total_s": 0.5, "idle_s": 120}))
+    raw = await _raw_post(url, "/v1/chat/completions", chat_body(stream=True, max_tokens=8))
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 "), head
+    assert b"transfer-encoding: chunked" in head.lower()
+    events = [e for e in _dechunk(body).split(b"\n\n") if e]
+    assert all(e.startswith(b"data: ") for e in events), events
+    assert b"data: [DONE]" not in events
+    errors = [json.loads(e[6:])["error"] for e in events if b'"error"' in e]
+    assert len(errors) == 1 and events[-1].startswith(b'data: {"error"'), events
+    assert set(errors[0]) == {"message", "type", "param", "code"}
+    assert errors[0]["code"] == "timeout"
+    assert any(b'"choices"' in e for e in events[:-1])  # the tokens before the stall arrived
+    async with http.post(url + "/v1/chat/completions", json=chat_body(stream=True)) as resp:
+        assert resp.status == 200  # the gateway serves on
+        assert (await resp.read()).rstrip().endswith(b"data: [DONE]")
