@@ -32,6 +32,11 @@ class _Waiter:
     priority: str = field(compare=False)
 
 
+def _admitted(waiter: _Waiter) -> bool:
+    future = waiter.future
+    return future.done() and not future.cancelled() and future.exception() is None
+
+
 class PoolGate:
     def __init__(self, pool: Pool, metrics: GatewayMetrics) -> None:
         self.pool = pool
@@ -71,6 +76,10 @@ class PoolGate:
             async with asyncio.timeout(config.queue_timeout_s):
                 await waiter.future
         except TimeoutError:
+            if _admitted(waiter):
+                # kick() handed us the slot in the loop pass in which the timeout fired: it is
+                # ours now, and refusing would leave in_flight counting it forever.
+                return
             self._forget(waiter)
             self._metrics.shed.labels(self.pool.name, priority, "queue_timeout").inc()
             error_type = RateLimited if config.timeout_status == 429 else NoCapacity
@@ -80,10 +89,10 @@ class PoolGate:
                 code="queue_timeout",
             ) from None
         except BaseException:
-            if not waiter.future.done() or waiter.future.cancelled():
-                self._forget(waiter)
-            elif waiter.future.exception() is None:
+            if _admitted(waiter):
                 self.leave()  # admitted just as we were cancelled: give the slot back
+            else:
+                self._forget(waiter)
             raise
 
     def _forget(self, waiter: _Waiter) -> None:

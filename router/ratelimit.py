@@ -8,6 +8,8 @@ configured share. Over a limit: 429 with `Retry-After` and OpenAI's `x-ratelimit
 
 from __future__ import annotations
 
+import itertools
+import uuid
 from dataclasses import dataclass, field
 
 from router.auth import Tenant
@@ -52,13 +54,17 @@ class RateLimiter:
         self._keys = keys
         self._metrics = metrics
         self._local_share = local_share
+        # Slot holders are the gateway's own ids, never the client's X-Request-Id: requests
+        # sharing one would share a slot. The random prefix keeps replicas' ids apart in Redis.
+        self._holder_prefix = uuid.uuid4().hex[:16]
+        self._holder_seq = itertools.count(1)
 
     def _scale(self) -> float:
         return 1.0 if self._backend.shared else self._local_share
 
-    async def admit(self, tenant: Tenant, tokens: int, holder: str, ttl_s: float) -> Charge:
+    async def admit(self, tenant: Tenant, tokens: int, ttl_s: float) -> Charge:
         limits = tenant.limits
-        charge = Charge(self, tenant, holder)
+        charge = Charge(self, tenant, "")
         if (
             limits.requests_per_minute is None
             and limits.tokens_per_minute is None
@@ -93,7 +99,8 @@ class RateLimiter:
             if limits.concurrent_requests is not None:
                 key = self._keys.rate_limit(tenant.name, "concurrency")
                 allowed = max(1, int(limits.concurrent_requests * scale))
-                if not await self._backend.acquire_slot(key, allowed, holder, ttl_s):
+                charge.holder = f"{self._holder_prefix}{next(self._holder_seq):x}"
+                if not await self._backend.acquire_slot(key, allowed, charge.holder, ttl_s):
                     self._deny(charge, "concurrency", None)
                 charge.slot_key = key
         except RateLimited:

@@ -135,9 +135,8 @@ async def forward_openai(
         )
     gate = _choose_gate(state, pool)
     pool = gate.pool
-    request_id = request_id_of(request)
     charge = await state.limiter.admit(
-        tenant, prompt_tokens + requested_tokens, request_id, state.config.timeouts.total_s
+        tenant, prompt_tokens + requested_tokens, state.config.timeouts.total_s
     )
     result = CallResult()
     request[ACCESS] = result

@@ -4,6 +4,8 @@ Every call has a short timeout. When Redis fails, the gateway keeps serving from
 `MemoryState` (the rate limiter then scales limits to the replica's local share), `redis_up`
 reads 0, one warning is logged per outage, and a probe brings the
 shared state back within a second of Redis returning. No request fails because Redis did.
+A concurrency slot is given back where it was taken: in Redis (once it returns, if it is away
+when the request ends), or in the local state.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -24,6 +27,10 @@ from router.state.memory import MemoryState
 
 log = logging.getLogger("prefix_router.state")
 T = TypeVar("T")
+Slot = tuple[str, str]  # (key, holder)
+# Bounds on the slots remembered across an outage; past them the slot's TTL frees it.
+_MAX_REMEMBERED_SLOTS = 100_000
+_RELEASE_BATCH = 1000
 
 # Token bucket, atomic: refill by elapsed time (Redis clock), take `cost` if it fits (or always,
 # when reconciling usage), never above `burst`. Returns allowed and the tokens left as a string
@@ -79,6 +86,11 @@ class RedisState:
         self._probe: asyncio.Task[None] | None = None
         self._take: Any = None
         self._acquire: Any = None
+        # Slots taken while Redis was known to be away never reached it. Any other slot may be
+        # in Redis, even one whose call timed out (the command can still land), so its release
+        # goes there too, and waits in `_unreleased` while Redis is away.
+        self._local_only: OrderedDict[Slot, None] = OrderedDict()
+        self._unreleased: OrderedDict[Slot, None] = OrderedDict()
 
     @property
     def shared(self) -> bool:
@@ -126,6 +138,20 @@ class RedisState:
         while True:
             await asyncio.sleep(0.25 if not self._up else 1.0)
             await self._check()
+            if self._up and self._unreleased:
+                await self._release_in_redis()
+
+    async def _release_in_redis(self) -> None:
+        """Give back, now that Redis is here again, the slots that ended while it was away."""
+        client = self._client
+        assert client is not None
+        batch = list(self._unreleased)[:_RELEASE_BATCH]
+        pipe = client.pipeline(transaction=False)
+        for key, holder in batch:
+            pipe.zrem(key, holder)
+        if await self._call(pipe.execute) is not None:
+            for slot in batch:
+                self._unreleased.pop(slot, None)
 
     def _set_up(self, up: bool, exc: BaseException | None) -> None:
         if up == self._up:
@@ -168,6 +194,11 @@ class RedisState:
         await self.take(key, rate_per_s, burst, -amount, force=True)
 
     async def acquire_slot(self, key: str, limit: int, holder: str, ttl_s: float) -> bool:
+        if not self._up:
+            taken = await self._local.acquire_slot(key, limit, holder, ttl_s)
+            if taken:
+                _remember(self._local_only, (key, holder))
+            return taken
         reply = await self._call(
             lambda: self._acquire(keys=[key], args=[limit, holder, int(ttl_s * 1000)])
         )
@@ -176,10 +207,15 @@ class RedisState:
         return bool(int(reply))
 
     async def release_slot(self, key: str, holder: str) -> None:
+        slot = (key, holder)
+        await self._local.release_slot(key, holder)  # a no-op unless it was taken here
+        if slot in self._local_only:
+            del self._local_only[slot]
+            return
         client = self._client
         if client is not None and await self._call(lambda: client.zrem(key, holder)) is not None:
             return
-        await self._local.release_slot(key, holder)
+        _remember(self._unreleased, slot)
 
     async def get_session(self, key: str) -> str | None:
         client = self._client
@@ -208,6 +244,12 @@ class RedisState:
             or await self._call(lambda: client.set(key, value, px=int(ttl_s * 1000))) is None
         ):
             await self._local.cache_set(key, value, ttl_s)
+
+
+def _remember(slots: OrderedDict[Slot, None], slot: Slot) -> None:
+    slots[slot] = None
+    if len(slots) > _MAX_REMEMBERED_SLOTS:
+        slots.popitem(last=False)
 
 
 def stop_if_cancelled() -> None:
