@@ -97,8 +97,12 @@ _id_counter = itertools.count(1)
 
 def new_request_id(incoming: str | None) -> str:
     """The client's X-Request-Id when sane, else a new one: a per-process random prefix plus
-    a counter (unique like a uuid4, without its cost on every request)."""
-    if incoming and len(incoming) <= 128 and incoming.isprintable():
+    a counter (unique like a uuid4, without its cost on every request).
+
+    Sane is printable ASCII: the id goes into the upstream request and back to the client as
+    a header, and anything else either cannot be written there (not latin-1) or reaches the
+    worker as bytes it decodes differently."""
+    if incoming and len(incoming) <= 128 and incoming.isascii() and incoming.isprintable():
         return incoming
     return f"{_ID_PREFIX}{next(_id_counter):016x}"
 

@@ -258,6 +258,9 @@ class Proxy:
 
     async def _send(self, worker: Worker, call: UpstreamCall, fresh: bool = False) -> Connection:
         """Connect (or reuse a kept-alive connection) and send the request in one write."""
+        headers = {"Content-Type": _JSON, "X-Request-Id": call.request_id}
+        # Built before connecting: a request that cannot be written must not hold a connection.
+        request = format_request(call.path, worker.url.split("://", 1)[1], call.body, headers)
         try:
             conn = await self._client.connect(worker.url, self._timeouts.connect_s, fresh)
         except TimeoutError:
@@ -268,8 +271,7 @@ class Proxy:
             raise _Retryable(
                 "connect", UpstreamFailed(f"worker {worker.id} unreachable: {exc}")
             ) from None
-        headers = {"Content-Type": _JSON, "X-Request-Id": call.request_id}
-        conn.send(format_request(call.path, worker.url.split("://", 1)[1], call.body, headers))
+        conn.send(request)
         return conn
 
     async def _upstream_error(
