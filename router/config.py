@@ -143,6 +143,16 @@ class HybridPolicy(Strict):
     queue_s_per_waiting: float = Field(
         0.05, ge=0, description="TTFT added per request waiting in the worker's own queue"
     )
+    placement_s_per_recent_request: float = Field(
+        0.006,
+        ge=0,
+        description="for placements (a session's first turn, a request without a session): "
+        "cost per request the worker was given lately (decayed over recent_window_s), the work "
+        "a placement brings along after it; 0 turns it off",
+    )
+    recent_window_s: float = Field(
+        10.0, gt=0, description="time constant of the recent-requests count used for placement"
+    )
     session_margin_s: float = Field(
         0.05, ge=0, description="a session stays on its worker while within this of the best"
     )

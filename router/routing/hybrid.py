@@ -31,6 +31,7 @@ from router.routing.feedback import CacheFeedback
 from router.routing.policy import Decision, Outcome, RoutingRequest
 from router.routing.precise_index import PreciseIndex
 from router.routing.prefix_index import PrefixIndex
+from router.routing.recent_load import RecentLoad
 from router.routing.sessions import SessionTable
 from router.upstream.worker import Worker
 
@@ -62,6 +63,7 @@ class HybridCost:
         self.cost_model = CostModel(config)
         self.index = PrefixIndex(index_config, calibration)
         self.feedback = CacheFeedback(self.index)
+        self.recent = RecentLoad(config.recent_window_s)
         self.sessions = SessionTable(config.session_max_entries, config.session_ttl_s)
         self._rng = rng or random.Random()
 
@@ -129,6 +131,11 @@ class HybridCost:
                     if w.id == sticky_id and costs[i] <= best + self._config.session_margin_s:
                         chosen, reason = i, "sticky"
                         break
+        now = self.recent.now()
+        if chosen < 0:
+            # A placement: it brings later work along, so the recent load counts too.
+            costs = self._placement_costs(candidates, costs, now)
+            best = min(costs)
         if chosen < 0 and session_id is None:
             chosen = self._affine(cached, costs, best)
             reason = "prefix_hit" if chosen >= 0 else ""
@@ -144,6 +151,7 @@ class HybridCost:
             else:
                 reason = "cold"
         worker = candidates[chosen]
+        self.recent.add(worker.id, now)
         stamp = 0
         if precise is not None and request.block_hashes is not None:
             precise.speculate(worker.id, request.block_hashes)
@@ -162,6 +170,18 @@ class HybridCost:
             backlog_tokens=worker.prefill_backlog_tokens,
             running=max(worker.reported.running, worker.in_flight),
         )
+
+    def _placement_costs(
+        self, candidates: Sequence[Worker], costs: list[float], now: float
+    ) -> list[float]:
+        per_request = self._config.placement_s_per_recent_request
+        if not per_request:
+            return costs
+        recent = self.recent.value
+        return [
+            cost + per_request * recent(w.id, now)
+            for w, cost in zip(candidates, costs, strict=True)
+        ]
 
     def _least_valuable_eviction(
         self,
@@ -207,6 +227,7 @@ class HybridCost:
 
     def forget_worker(self, worker: Worker) -> None:
         self.cost_model.rates.forget(worker.id)
+        self.recent.forget(worker.id)
         self.feedback.forget(worker.id)
         self.index.remove_worker(worker.id)
         if self.precise is not None:

@@ -13,6 +13,7 @@ from router.routing.key import extend_key, routing_key
 from router.routing.policy import Outcome, RoutingRequest
 from router.routing.prefix_index import PrefixIndex
 from router.routing.rates import LearnedRates
+from router.routing.recent_load import RecentLoad
 from router.upstream.answer import AnswerBytes, answer_of
 from router.upstream.worker import Health, Worker
 
@@ -192,3 +193,30 @@ def test_identical_workers_share_the_pools_rates_and_a_slow_one_keeps_its_own() 
         rates.observe(worker, tokens, 0, (0.01 + tokens * per_token) * noise)
     assert rates.rate("w0") == rates.rate("w1")  # noise must not tell them apart
     assert rates.rate("w2") == pytest.approx(3000, rel=0.2)  # its own, blended with the prior
+
+
+def test_new_sessions_go_where_little_work_was_placed_lately() -> None:
+    clock = [0.0]
+    policy = HybridCost(HybridPolicy(), IndexConfig(), random.Random(1))
+    policy.recent = RecentLoad(10.0, clock=lambda: clock[0])
+    ws = workers(2)
+    rng = random.Random(10)
+    system = text(rng, 200)
+    # w0 was given 20 requests a moment ago, all finished: nothing is in flight anywhere.
+    for _ in range(20):
+        policy.pick(request(policy, system + text(rng, 50)), ws[:1])
+    clock[0] = 1.0
+    # w0 holds the system prompt (a few ms of prefill saved), but the work placed there lately
+    # outweighs it: the new session's later turns go where they spread the load.
+    first_turn = request(policy, system + text(rng, 50))
+    first_turn.session_id = "s1"
+    assert policy.pick(first_turn, ws).worker.id == "w1"
+    # A session already placed stays put: recent load only prices placements.
+    second_turn = request(policy, first_turn.key + text(rng, 20))
+    second_turn.session_id = "s1"
+    for _ in range(20):
+        policy.recent.add("w1", clock[0])
+    assert policy.pick(second_turn, ws).worker.id == "w1"
+    # Long ago is forgotten.
+    clock[0] = 1000.0
+    assert policy.recent.value("w0", clock[0]) < 1e-6
