@@ -144,11 +144,17 @@ class HybridPolicy(Strict):
         0.05, ge=0, description="TTFT added per request waiting in the worker's own queue"
     )
     placement_s_per_recent_request: float = Field(
-        0.006,
+        0.01,
         ge=0,
         description="for placements (a session's first turn, a request without a session): "
-        "cost per request the worker was given lately (decayed over recent_window_s), the work "
-        "a placement brings along after it; 0 turns it off",
+        "cost per request a worker was given lately (decayed over recent_window_s) beyond "
+        "placement_tolerance above the candidates' mean; 0 turns it off",
+    )
+    placement_tolerance: float = Field(
+        0.1,
+        ge=0,
+        description="share above the mean recent load that placements ignore: below it, "
+        "cache affinity alone decides",
     )
     recent_window_s: float = Field(
         10.0, gt=0, description="time constant of the recent-requests count used for placement"

@@ -174,13 +174,18 @@ class HybridCost:
     def _placement_costs(
         self, candidates: Sequence[Worker], costs: list[float], now: float
     ) -> list[float]:
+        """Costs plus a price on recent load well above the candidates' mean: a soft cap on
+        imbalance that leaves affinity alone while load is about even (a linear price on all
+        recent load cost 2 points of hit rate on the trace, for balance nobody needed)."""
         per_request = self._config.placement_s_per_recent_request
-        if not per_request:
+        if not per_request or len(candidates) < 2:
             return costs
         recent = self.recent.value
+        loads = [recent(w.id, now) for w in candidates]
+        ceiling = (1 + self._config.placement_tolerance) * sum(loads) / len(loads)
         return [
-            cost + per_request * recent(w.id, now)
-            for w, cost in zip(candidates, costs, strict=True)
+            cost + per_request * max(0.0, load - ceiling)
+            for load, cost in zip(loads, costs, strict=True)
         ]
 
     def _least_valuable_eviction(
