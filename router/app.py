@@ -153,6 +153,7 @@ async def _background_tasks(app: web.Application) -> AsyncIterator[None]:
         shared_fleet=isinstance(state.backend, RedisState),
     )
     state.on_reload.append(lambda config: scraper.reconfigure(config.load_scrape))
+    state.registry.on_remove.append(lambda worker: scraper.forget(worker.id))
     supervisor = app[SUPERVISOR]
     try:
         await _start_loops(state, supervisor, checker, scraper)
