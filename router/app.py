@@ -1,17 +1,15 @@
 """build_app(config): the gateway as an aiohttp Application.
 
 Everything is built here and stored under typed app keys; background work (health checks,
-load scraping) starts and stops through `cleanup_ctx`. A test builds a fresh app.
+load scraping, discovery, the Redis followers) runs under one `Supervisor` and starts and stops
+through `cleanup_ctx`. A test builds a fresh app.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import random
 import socket
-from collections.abc import AsyncIterator, Callable, Coroutine
-from typing import Any
+from collections.abc import AsyncIterator
 
 import aiohttp
 from aiohttp import web
@@ -31,6 +29,7 @@ from router.state.keys import Keys
 from router.state.kv_follower import KVFollower
 from router.state.memory import MemoryState
 from router.state.redis_state import RedisState
+from router.supervisor import Supervisor
 from router.upstream.discovery import Discovery
 from router.upstream.health import HealthChecker
 from router.upstream.http1 import UpstreamClient
@@ -39,13 +38,16 @@ from router.upstream.outlier import OutlierDetector
 from router.upstream.proxy import Proxy
 from router.upstream.registry import Registry
 
+SUPERVISOR = web.AppKey("supervisor", Supervisor)
+
 
 def build_app(
     config: GatewayConfig, rng: random.Random | None = None, config_path: str | None = None
 ) -> web.Application:
     registry = Registry(config, rng=rng)
     metrics = GatewayMetrics(registry.workers)
-    backend = build_backend(config.state, metrics)
+    supervisor = Supervisor(metrics.background_restarts)
+    backend = build_backend(config.state, metrics, supervisor)
     state = GatewayState(
         config=config,
         registry=registry,
@@ -65,6 +67,7 @@ def build_app(
     # The body limit is enforced by read_body with a clear 413; aiohttp's own cap sits above it.
     app = web.Application(middlewares=[edge], client_max_size=config.limits.max_body_bytes + 1)
     app[STATE] = state
+    app[SUPERVISOR] = supervisor
     app.router.add_post("/v1/chat/completions", openai.chat_completions)
     app.router.add_post("/v1/completions", openai.text_completions)
     app.router.add_get("/v1/models", openai.list_models)
@@ -87,11 +90,16 @@ def _index_of(registry: Registry, pool: str) -> InsertTarget | None:
     return index if callable(getattr(index, "insert", None)) else None
 
 
-def build_backend(config: StateConfig, metrics: GatewayMetrics) -> StateBackend:
+def build_backend(
+    config: StateConfig, metrics: GatewayMetrics, supervisor: Supervisor | None = None
+) -> StateBackend:
     if config.backend == "redis":
         assert config.redis_url is not None
         return RedisState(
-            config.redis_url, config.timeout_s, on_up_change=lambda up: metrics.redis_up.set(up)
+            config.redis_url,
+            config.timeout_s,
+            on_up_change=lambda up: metrics.redis_up.set(up),
+            supervisor=supervisor,
         )
     return MemoryState()
 
@@ -145,12 +153,25 @@ async def _background_tasks(app: web.Application) -> AsyncIterator[None]:
         shared_fleet=isinstance(state.backend, RedisState),
     )
     state.on_reload.append(lambda config: scraper.reconfigure(config.load_scrape))
+    state.registry.on_remove.append(lambda worker: scraper.forget(worker.id))
+    supervisor = app[SUPERVISOR]
+    try:
+        await _start_loops(state, supervisor, checker, scraper)
+        yield
+    finally:
+        # Also when startup failed half-way: no loop outlives the app.
+        await supervisor.stop()
+
+
+async def _start_loops(
+    state: GatewayState, supervisor: Supervisor, checker: HealthChecker, scraper: LoadScraper
+) -> None:
     # Probe once before serving so a healthy worker is routable from the first request.
     await checker.probe_all()
-    runs: list[Callable[[], Coroutine[Any, Any, None]]] = [checker.run]
+    supervisor.start("health", checker.run)
     if state.config.load_scrape.enabled:
         await scraper.scrape_all()
-        runs.append(scraper.run)
+        supervisor.start("load_scrape", scraper.run)
     if isinstance(state.backend, RedisState):
         discovery = Discovery(
             state.registry,
@@ -161,18 +182,13 @@ async def _background_tasks(app: web.Application) -> AsyncIterator[None]:
         await discovery.sync_once()
         if any(w.health.value == "unproven" for w in state.registry.workers()):
             await checker.probe_all()
-        runs.append(discovery.run)
-        runs.append(state.fleet.run_publisher)
-        runs.append(lambda: state.fleet.run_follower(lambda: list(state.registry.pools)))
+        supervisor.start("discovery", discovery.run)
+        supervisor.start("index_publisher", state.fleet.run_publisher)
+        supervisor.start(
+            "index_follower", lambda: state.fleet.run_follower(lambda: list(state.registry.pools))
+        )
         assert state.config.state.redis_url is not None
         kv_follower = KVFollower(
             state.registry, state.config.state.redis_url, Keys(state.config.state.key_prefix)
         )
-        runs.append(kv_follower.run)
-    tasks = [asyncio.create_task(run()) for run in runs]
-    yield
-    for task in tasks:
-        task.cancel()
-    for task in tasks:
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        supervisor.start("kv_follower", kv_follower.run)

@@ -1,4 +1,7 @@
-"""Logging setup: one JSON object per line, with the fields a record carries in `extra`."""
+"""Logging setup: one JSON object per line, with the fields a record carries in `extra`; and
+`LogOnce`, for bad input that background loops meet again every interval (a worker's broken
+answer, a malformed Redis record), so each cause is logged once, not once per round.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +9,7 @@ import json
 import logging
 import sys
 import time
+from collections import OrderedDict
 
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message"}
 
@@ -35,3 +39,31 @@ def setup_logging(level: str) -> None:
     root.setLevel(level.upper())
     # aiohttp's own access log duplicates ours.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+class LogOnce:
+    """Logs each (subject, cause) once until `clear(subject)` (the subject recovered or left).
+
+    `cause` must be a bounded category chosen by the caller (never raw input); the number of
+    subjects remembered is bounded too, the oldest forgotten first."""
+
+    def __init__(self, logger: logging.Logger, max_subjects: int = 10_000) -> None:
+        self._logger = logger
+        self._max_subjects = max_subjects
+        self._seen: OrderedDict[str, set[str]] = OrderedDict()
+
+    def warning(self, subject: str, cause: str, msg: str, *args: object) -> bool:
+        """Log `msg` at WARNING unless this subject's cause was logged already; whether it was."""
+        causes = self._seen.get(subject)
+        if causes is None:
+            causes = self._seen[subject] = set()
+            while len(self._seen) > self._max_subjects:
+                self._seen.popitem(last=False)
+        if cause in causes:
+            return False
+        causes.add(cause)
+        self._logger.warning(msg, *args)
+        return True
+
+    def clear(self, subject: str) -> None:
+        self._seen.pop(subject, None)

@@ -239,6 +239,13 @@ class GatewayMetrics:
             ["model", "result"],
             registry=r,
         )
+        self.background_restarts = Counter(
+            "prefix_router_background_restarts",
+            "Background loops (health, load_scrape, discovery, Redis followers) restarted after"
+            " an exception escaped them",
+            ["loop"],
+            registry=r,
+        )
         self.redis_up = Gauge(
             "prefix_router_redis_up", "1 if the shared state backend answers", registry=r
         )

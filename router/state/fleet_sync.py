@@ -5,7 +5,8 @@ lands on another replica follows the previous one); after routing, the choice is
 in the background. Index inserts: each replica appends what it recorded for a worker to the
 pool's `{p}idx:{model}` stream (batched, bounded length) and follows the other replicas'
 entries into its own index. With the memory backend this all stays local, and while Redis is
-down each replica routes on what it knows, then follows again from the stream's tail.
+down each replica routes on what it knows, then follows again from the stream's tail. A
+malformed entry is skipped (logged once per cause), never the end of the follower.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any, Protocol
 
 from redis.exceptions import RedisError
 
+from router.logs import LogOnce
 from router.state.backend import StateBackend
 from router.state.keys import IDX_STREAM_MAXLEN, SESSION_TTL_S, Keys
 from router.state.redis_state import RedisState, stop_if_cancelled
@@ -50,6 +52,7 @@ class FleetSync:
         self._pending: list[tuple[str, str, list[int]]] = []
         self._background: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
+        self._bad_entries = LogOnce(log)
 
     # -- sessions -------------------------------------------------------------------------------
 
@@ -140,18 +143,24 @@ class FleetSync:
                     self._apply(pool, fields)
 
     def _apply(self, pool: str, fields: dict[bytes, bytes]) -> None:
-        if fields.get(b"replica", b"").decode() == self.replica:
+        try:
+            replica = fields.get(b"replica", b"").decode()
+            worker = fields.get(b"worker")
+            raw = fields.get(b"keys")
+            worker_id = worker.decode() if worker is not None else None
+            block_keys = [int(k) for k in raw.split()] if raw is not None else None
+        except (UnicodeDecodeError, ValueError, AttributeError) as exc:
+            # Another writer's bad entry names no block of ours; the next ones still apply.
+            self._bad_entries.warning(
+                pool, type(exc).__name__, "index insert in %s skipped: malformed entry", pool
+            )
+            return
+        if replica == self.replica:
             return
         index = self._index_of(pool)
-        worker = fields.get(b"worker")
-        raw = fields.get(b"keys")
-        if index is None or worker is None or raw is None:
+        if index is None or worker_id is None or block_keys is None:
             return
-        try:
-            block_keys = [int(k) for k in raw.split()]
-        except ValueError:
-            return
-        index.insert(worker.decode(), block_keys)
+        index.insert(worker_id, block_keys)
 
 
 def _entry_id(value: bytes | str) -> str:

@@ -11,6 +11,7 @@ so entries skipped while nobody could map them are not lost. The follower rebuil
 when the pool's index is replaced (config reload), when it fell behind the stream's trimming,
 and after Redis failed: while Redis is down the index keeps the last view (and the gateway
 keeps routing on it), and when Redis answers again every view is rebuilt from the snapshots.
+A malformed entry is skipped (logged once per cause), never the end of the follower.
 It has its own connection, with timeouts long enough for a large snapshot (the request path's are
 short), and polls the stream rather than blocking in XREAD: a cancelled blocking read inside
 redis-py can swallow the cancellation, and a stop must always stop.
@@ -29,6 +30,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
+from router.logs import LogOnce
 from router.routing.precise_index import CLEARED, REMOVED, STORED, PreciseIndex
 from router.state.keys import Keys
 from router.state.redis_state import stop_if_cancelled
@@ -79,6 +81,7 @@ class KVFollower:
         self._keys = keys
         self._timeout_s = timeout_s
         self._views: dict[str, _View] = {}
+        self._bad_entries = LogOnce(log)
 
     async def run(self) -> None:
         client = aioredis.Redis.from_url(
@@ -155,7 +158,13 @@ class KVFollower:
             mapping = self._mapping(pools[name][0])
             for entry_id, fields in entries:
                 view.last_id = _text(entry_id)
-                self._apply(view.index, mapping, fields)
+                try:
+                    self._apply(view.index, mapping, fields)
+                except (UnicodeDecodeError, AttributeError, TypeError) as exc:
+                    # One agent's bad entry is skipped; the stream goes on being followed.
+                    self._bad_entries.warning(
+                        name, type(exc).__name__, "KV event in %s skipped: malformed entry", name
+                    )
             if len(entries) >= _COUNT and await self._trimmed_past(client, name, view):
                 log.warning("KV follower of %s fell behind the stream's trimming", name)
                 await self._resync(client, name, *pools[name])

@@ -24,6 +24,7 @@ from redis.exceptions import RedisError
 
 from router.state.backend import BucketResult
 from router.state.memory import MemoryState
+from router.supervisor import Supervisor
 
 log = logging.getLogger("prefix_router.state")
 T = TypeVar("T")
@@ -76,11 +77,13 @@ class RedisState:
         url: str,
         timeout_s: float,
         on_up_change: Callable[[bool], None] | None = None,
+        supervisor: Supervisor | None = None,
     ) -> None:
         self._url = url
         self._timeout_s = timeout_s
         self._local = MemoryState()
         self._on_up_change = on_up_change
+        self._supervisor = supervisor
         self._client: aioredis.Redis | None = None
         self._up = False
         self._probe: asyncio.Task[None] | None = None
@@ -111,7 +114,11 @@ class RedisState:
         self._take = self._client.register_script(_TAKE)
         self._acquire = self._client.register_script(_ACQUIRE)
         await self._check()
-        self._probe = asyncio.create_task(self._probe_forever())
+        self._probe = (
+            self._supervisor.start("redis_probe", self._probe_forever)
+            if self._supervisor is not None
+            else asyncio.create_task(self._probe_forever())
+        )
 
     async def close(self) -> None:
         if self._probe is not None:

@@ -5,17 +5,22 @@ their registration and load records (one pipeline). A new id becomes a worker (u
 its first health probe passes); an id whose registration expired (its heartbeat lapsed) leaves
 the pool, and requests already on it finish on their own. An agent beside a worker that the
 YAML lists already (same URL) only feeds that worker's load. While Redis is down, the last
-known fleet stays as it is.
+known fleet stays as it is. A malformed record (a key of the wrong type, bytes that are not
+UTF-8, a URL the gateway cannot reach, numbers that are not finite) is skipped on its own and
+logged once per cause: it never keeps the other workers of any pool from being discovered.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
+from yarl import URL
 
+from router.logs import LogOnce
 from router.state.keys import Keys
 from router.state.redis_state import RedisState
 from router.upstream.registry import Registry
@@ -24,22 +29,48 @@ from router.upstream.worker import ReportedLoad, Worker
 log = logging.getLogger("prefix_router.discovery")
 
 
-def _text(record: dict[bytes, bytes], field: str) -> str | None:
+Record = dict[bytes, bytes]
+
+
+class MalformedRecord(ValueError):
+    """A registration or load record the gateway cannot read; its message is the cause."""
+
+
+def _text(record: Record, field: str) -> str | None:
     value = record.get(field.encode())
-    return value.decode() if value is not None else None
+    if value is None:
+        return None
+    try:
+        return value.decode()
+    except UnicodeDecodeError:
+        raise MalformedRecord(f"{field} is not UTF-8") from None
 
 
-def _int(record: dict[bytes, bytes], field: str) -> int | None:
+def _int(record: Record, field: str) -> int | None:
     text = _text(record, field)
-    return int(text) if text is not None and text.isdigit() else None
+    # ASCII only: "²".isdigit() holds, and int() of it raises.
+    return int(text) if text is not None and text.isascii() and text.isdigit() else None
 
 
-def _load(registration: dict[bytes, bytes], load: dict[bytes, bytes]) -> ReportedLoad:
+def _url(registration: Record) -> str:
+    text = (_text(registration, "url") or "").rstrip("/")
+    try:
+        url = URL(text)
+    except (ValueError, TypeError):
+        raise MalformedRecord("url does not parse") from None
+    if url.scheme not in ("http", "https") or not url.host:
+        raise MalformedRecord("url is not an http(s) URL with a host")
+    return text
+
+
+def _load(registration: Record, load: Record) -> ReportedLoad:
     def number(field: str) -> float:
         try:
-            return float(_text(load, field) or 0)
+            value = float(_text(load, field) or 0)
         except ValueError:
             return 0.0
+        # A NaN or Inf would poison every score it enters (and int() of one raises).
+        return value if math.isfinite(value) and value >= 0 else 0.0
 
     return ReportedLoad(
         running=int(number("running")),
@@ -59,6 +90,7 @@ class Discovery:
         self._state = state
         self._keys = keys
         self.interval_s = interval_s
+        self._bad = LogOnce(log)
 
     async def run(self) -> None:
         while True:
@@ -72,32 +104,53 @@ class Discovery:
         try:
             async with asyncio.timeout(max(1.0, self.interval_s)):
                 for pool_name in list(self._registry.pools):
-                    members = await client.smembers(self._keys.workers(pool_name))
-                    ids = sorted(m.decode() if isinstance(m, bytes) else str(m) for m in members)
-                    pipe = client.pipeline(transaction=False)
-                    for worker_id in ids:
-                        pipe.hgetall(self._keys.worker(worker_id))
-                        pipe.hgetall(self._keys.load(worker_id))
-                    replies = await pipe.execute() if ids else []
-                    records = {
-                        worker_id: (replies[2 * i], replies[2 * i + 1])
-                        for i, worker_id in enumerate(ids)
-                        if replies[2 * i]
-                    }
+                    try:
+                        records = await self._read_pool(pool_name)
+                    except ResponseError as exc:
+                        # Redis answered, but this pool's key is not a set: the others go on.
+                        self._bad.warning(
+                            f"pool:{pool_name}", "members", "discovery of %s: %s", pool_name, exc
+                        )
+                        continue
                     self._apply(pool_name, records)
         except (RedisError, OSError, TimeoutError) as exc:
             log.debug("discovery skipped a round: %s", exc)
 
-    def _apply(
-        self, pool_name: str, records: dict[str, tuple[dict[bytes, bytes], dict[bytes, bytes]]]
-    ) -> None:
+    async def _read_pool(self, pool_name: str) -> dict[str, tuple[Record, Record | None]]:
+        """Each registered id's registration and load record (None when the load record
+        cannot be read); ids whose registration expired or cannot be read are left out."""
+        client = self._state.client
+        if client is None:
+            return {}
+        members = await client.smembers(self._keys.workers(pool_name))
+        ids = sorted(i for i in map(_member, members) if i is not None)
+        pipe = client.pipeline(transaction=False)
+        for worker_id in ids:
+            pipe.hgetall(self._keys.worker(worker_id))
+            pipe.hgetall(self._keys.load(worker_id))
+        # Per-record errors (a key of the wrong type) come back as values, not one raise.
+        replies = await pipe.execute(raise_on_error=False) if ids else []
+        records: dict[str, tuple[Record, Record | None]] = {}
+        for i, worker_id in enumerate(ids):
+            registration, load = replies[2 * i], replies[2 * i + 1]
+            if not isinstance(registration, dict):
+                self._skip(worker_id, "registration is not a hash")
+                continue
+            if registration:
+                records[worker_id] = (registration, load if isinstance(load, dict) else None)
+        return records
+
+    def _apply(self, pool_name: str, records: dict[str, tuple[Record, Record | None]]) -> None:
         pool = self._registry.pools.get(pool_name)
         if pool is None:
             return
         by_url = {w.url: w for w in pool.workers}
         for worker_id, (registration, load) in records.items():
-            url = (_text(registration, "url") or "").rstrip("/")
-            if not url.startswith(("http://", "https://")):
+            try:
+                url = _url(registration)
+                report = _load(registration, load) if load is not None else None
+            except MalformedRecord as exc:
+                self._skip(worker_id, str(exc))
                 continue
             worker = self._registry.worker(worker_id) or by_url.get(url)
             if worker is None:
@@ -105,8 +158,26 @@ class Discovery:
                 self._registry.add_worker(worker)
                 log.info("worker %s (%s) registered for %s", worker_id, url, pool_name)
             worker.agent_id = worker_id
-            worker.take_report(_load(registration, load), shared_fleet=True)
+            if report is not None:
+                worker.take_report(report, shared_fleet=True)
+            else:
+                self._skip(worker_id, "load record is not a hash")
         for worker in list(pool.workers):
             if worker.discovered and worker.id not in records:
                 log.info("worker %s left %s: its registration lapsed", worker.id, pool_name)
                 self._registry.remove_worker(worker.id)
+                self._bad.clear(worker.id)
+
+    def _skip(self, worker_id: str, cause: str) -> None:
+        self._bad.warning(
+            worker_id, cause, "registration of worker %s skipped: %s", worker_id, cause
+        )
+
+
+def _member(value: bytes | str) -> str | None:
+    if isinstance(value, str):
+        return value
+    try:
+        return value.decode()
+    except UnicodeDecodeError:
+        return None  # an id no agent wrote (agents write UTF-8): nothing to discover

@@ -3,7 +3,8 @@
 A worker starts unproven and becomes routable after `healthy_threshold` passing probes in a
 row; `unhealthy_threshold` failing probes in a row take it out. Every worker is probed at once
 when the checker starts, so a healthy worker is routable within one probe. Each transition is
-logged once and counted.
+logged once and counted. Whatever a worker answers, or however its probe breaks, is that
+worker's failed probe: it never stops the checks of the rest of the fleet.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import aiohttp
 
 from router.config import HealthConfig
 from router.metrics import GatewayMetrics
+from router.supervisor import redact
 from router.upstream.registry import Registry
 from router.upstream.worker import Health, Worker
 
@@ -27,6 +29,16 @@ log = logging.getLogger("prefix_router.health")
 class _Streak:
     passes: int = 0
     fails: int = 0
+
+
+def served_models(listing: object) -> set[str] | None:
+    """The model ids an OpenAI `/v1/models` answer lists; None when it has not that shape."""
+    if not isinstance(listing, dict):
+        return None
+    data = listing.get("data")
+    if not isinstance(data, list):
+        return None
+    return {m["id"] for m in data if isinstance(m, dict) and isinstance(m.get("id"), str)}
 
 
 class HealthChecker:
@@ -58,7 +70,12 @@ class HealthChecker:
             await asyncio.gather(*(self._probe_and_record(w) for w in workers))
 
     async def _probe_and_record(self, worker: Worker) -> None:
-        ok, why = await self.probe(worker)
+        try:
+            ok, why = await self.probe(worker)
+        except Exception as exc:
+            # A probe that broke in a way nobody foresaw fails this worker alone; the others'
+            # probes in the same round go on.
+            ok, why = False, redact(f"probe failed: {type(exc).__name__}: {exc}")
         self.record(worker, ok, why)
 
     async def probe(self, worker: Worker) -> tuple[bool, str]:
@@ -74,11 +91,13 @@ class HealthChecker:
                 if resp.status != 200:
                     return False, f"/v1/models answered {resp.status}"
                 listing = await resp.json(content_type=None)
-            served = {m.get("id") for m in listing.get("data", []) if isinstance(m, dict)}
+            served = served_models(listing)
+            if served is None:
+                return False, "/v1/models answered no OpenAI model list"
             if worker.pool not in served:
-                return False, f"serves {sorted(str(s) for s in served)}, not {worker.pool!r}"
+                return False, f"serves {sorted(served)[:8]}, not {worker.pool!r}"
             return True, "ok"
-        except (aiohttp.ClientError, TimeoutError, ValueError, AttributeError) as exc:
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             return False, f"{type(exc).__name__}: {exc}".rstrip(": ")
 
     def record(self, worker: Worker, ok: bool, why: str) -> None:

@@ -2,14 +2,17 @@
 
 Reads only the few series routing needs (running, waiting, KV usage, and the block size and
 KV capacity from `vllm:cache_config_info`). Parsing is a line scan, not a full Prometheus
-parser: it runs for every worker every interval and must stay cheap.
+parser: it runs for every worker every interval and must stay cheap. A sample that is not a
+finite, non-negative number (NaN, Inf, garbage) is skipped, and an answer without a single load
+series keeps the worker's last report: one worker's bad `/metrics` is logged once per cause and
+never stops the scraping of the others.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
+import math
 import re
 import time
 from collections.abc import Callable
@@ -17,6 +20,8 @@ from collections.abc import Callable
 import aiohttp
 
 from router.config import LoadScrapeConfig
+from router.logs import LogOnce
+from router.supervisor import redact
 from router.upstream.registry import Registry
 from router.upstream.worker import ReportedLoad, Worker
 
@@ -38,9 +43,28 @@ _COUNTERS = {
 _LABEL = re.compile(r'(\w+)="([^"]*)"')
 
 
-def parse_vllm_metrics(text: str) -> ReportedLoad:
-    """Sum the load gauges over engines; take block size and capacity from cache_config_info."""
+def _sample(value_text: str) -> float | None:
+    """The sample value of an exposition line, if it is a finite, non-negative number: a NaN
+    would poison every score it enters, and `int()` of one raises."""
+    try:
+        value = float(value_text.split()[0])
+    except (ValueError, IndexError):
+        return None
+    return value if math.isfinite(value) and value >= 0 else None
+
+
+def _count(text: str) -> int | None:
+    # ASCII only: "²".isdigit() holds, and int() of it raises.
+    return int(text) if text.isascii() and text.isdigit() else None
+
+
+def parse_vllm_metrics(text: str, rejected: set[str] | None = None) -> ReportedLoad:
+    """Sum the load gauges over engines; take block size and capacity from cache_config_info.
+
+    The names of series whose sample was skipped go to `rejected`, and "no load series" when
+    the text had none of running, waiting and KV usage (`rejected` is then non-empty)."""
     load = ReportedLoad(updated_at=time.monotonic())
+    seen_load = False
     running = waiting = 0.0
     counters = {"prefix_hits": 0.0, "prefix_queries": 0.0}
     usage: list[float] = []
@@ -53,34 +77,36 @@ def parse_vllm_metrics(text: str) -> ReportedLoad:
             labels = ""
         else:
             labels, _, value_text = rest.rpartition("}")
-        counter = _COUNTERS.get(name.strip())
-        if counter is not None:
-            with contextlib.suppress(ValueError, IndexError):
-                counters[counter] += float(value_text.split()[0])
+        name = name.strip()
+        counter = _COUNTERS.get(name)
+        field = _GAUGES.get(name)
+        if counter is None and field is None:
+            if name == "vllm:cache_config_info":
+                found = dict(_LABEL.findall(labels))
+                load.block_size = _count(found.get("block_size", "")) or load.block_size
+                load.num_gpu_blocks = _count(found.get("num_gpu_blocks", "")) or load.num_gpu_blocks
             continue
-        field = _GAUGES.get(name.strip())
-        if field is not None:
-            try:
-                value = float(value_text.split()[0])
-            except (ValueError, IndexError):
-                continue
+        value = _sample(value_text)
+        if value is None:
+            if rejected is not None:
+                rejected.add(name)
+        elif counter is not None:
+            counters[counter] += value
+        else:
+            seen_load = True
             if field == "running":
                 running += value
             elif field == "waiting":
                 waiting += value
             else:
                 usage.append(value)
-        elif name == "vllm:cache_config_info":
-            found = dict(_LABEL.findall(labels))
-            if found.get("block_size", "").isdigit():
-                load.block_size = int(found["block_size"])
-            if found.get("num_gpu_blocks", "").isdigit():
-                load.num_gpu_blocks = int(found["num_gpu_blocks"])
     load.running = int(running)
     load.waiting = int(waiting)
     load.kv_usage = max(usage) if usage else 0.0
     load.prefix_hits = counters["prefix_hits"]
     load.prefix_queries = counters["prefix_queries"]
+    if not seen_load and rejected is not None:
+        rejected.add("no load series")
     return load
 
 
@@ -96,6 +122,7 @@ class LoadScraper:
         self._registry = registry
         self._session = session
         self._config = config
+        self._bad_answers = LogOnce(log)
         self.on_capacity: list[Callable[[Worker], None]] = []
 
     def reconfigure(self, config: LoadScrapeConfig) -> None:
@@ -109,7 +136,24 @@ class LoadScraper:
     async def scrape_all(self) -> None:
         workers = [w for w in self._registry.workers() if w.health.value != "unhealthy"]
         if workers:
-            await asyncio.gather(*(self.scrape(w) for w in workers))
+            await asyncio.gather(*(self._scrape_one(w) for w in workers))
+
+    def forget(self, worker_id: str) -> None:
+        self._bad_answers.clear(worker_id)
+
+    async def _scrape_one(self, worker: Worker) -> None:
+        try:
+            await self.scrape(worker)
+        except Exception as exc:
+            # Unforeseen breakage of one worker's scrape: its load stays as last reported, and
+            # the other workers' scrapes in this round go on.
+            self._bad_answers.warning(
+                worker.id,
+                type(exc).__name__,
+                "scraping worker %s failed: %s",
+                worker.id,
+                redact(f"{type(exc).__name__}: {exc}"),
+            )
 
     async def scrape(self, worker: Worker) -> None:
         timeout = aiohttp.ClientTimeout(total=self._config.timeout_s)
@@ -118,9 +162,23 @@ class LoadScraper:
                 if resp.status != 200:
                     return
                 text = await resp.text()
-        except (aiohttp.ClientError, TimeoutError, UnicodeDecodeError):
+        except UnicodeDecodeError:
+            self._bad_answers.warning(
+                worker.id, "undecodable", "worker %s /metrics is not text", worker.id
+            )
             return
-        load = parse_vllm_metrics(text)
+        except (aiohttp.ClientError, TimeoutError):
+            return
+        rejected: set[str] = set()
+        load = parse_vllm_metrics(text, rejected)
+        for cause in sorted(rejected):
+            self._bad_answers.warning(
+                worker.id, cause, "worker %s /metrics: skipped %s", worker.id, cause
+            )
+        if "no load series" in rejected:
+            return  # not a vLLM load report: keep the last one rather than read it as idle
+        if not rejected:
+            self._bad_answers.clear(worker.id)  # a relapse is news again
         capacity_changed = load.num_gpu_blocks != worker.reported.num_gpu_blocks
         worker.take_report(load, self._shared_fleet)
         if capacity_changed:
