@@ -38,9 +38,14 @@ def markdown_table(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_tradeoff_chart(path: str, runs: list[dict[str, Any]]) -> None:
-    fig, axes = plt.subplots(1, len(runs), figsize=(5.5 * len(runs), 4.5), squeeze=False)
-    for ax, data in zip(axes[0], runs, strict=True):
+def write_tradeoff_chart(path: str, runs: list[dict[str, Any]], titles: list[str]) -> None:
+    cols = min(3, len(runs))
+    rows = -(-len(runs) // cols)
+    fig, grid = plt.subplots(rows, cols, figsize=(5.5 * cols, 4.5 * rows), squeeze=False)
+    axes = [ax for row in grid for ax in row]
+    for ax in axes[len(runs) :]:
+        ax.set_visible(False)
+    for ax, data, title in zip(axes, runs, titles, strict=False):
         for r in data["rows"]:
             ours = r["policy"] in ("hybrid", "prefix", "round_robin", "least_load")
             ax.scatter(r["ttft_p99_ms"], 100 * r["hit_rate"], marker="o" if ours else "s")
@@ -55,7 +60,7 @@ def write_tradeoff_chart(path: str, runs: list[dict[str, Any]]) -> None:
                 ha="right",
                 va="bottom",
             )
-        ax.set_title(f"{data['workload']} ({data['workers']} workers)", fontsize=9)
+        ax.set_title(f"{title} ({data['workers']} workers)", fontsize=9)
         ax.set_xlabel("TTFT p99 (ms), lower is better")
         ax.set_ylabel("fleet prefix-cache hit %, higher is better")
     fig.tight_layout()
@@ -72,6 +77,6 @@ def run(argv: list[str] | None = None) -> int:
     runs = [json.loads(Path(p).read_text()) for p in args.json]
     for data in runs:
         print(markdown_table(data) + "\n")
-    write_tradeoff_chart(args.png, runs)
+    write_tradeoff_chart(args.png, runs, [Path(p).stem for p in args.json])
     print(f"wrote {args.png}")
     return 0

@@ -65,3 +65,41 @@ def test_pooled_reference_is_intrinsic_with_room_and_less_without() -> None:
     # Room for one prompt only: each repeat finds the other's blocks there.
     assert pooled_reuse(requests, 4)[0] == 0
     assert hits == 2 * 48  # (64 - 1) // 16 = 3 blocks per repeat
+
+
+def test_external_routers_pair_commands_with_names() -> None:
+    from loadtest.external_router import parse_routers
+
+    cmds = ["/opt/a/bin/vllm-router --port {port}", "smg launch --port {port}"]
+    assert parse_routers(cmds, ["vllm"]) == [("vllm", cmds[0]), ("smg", cmds[1])]
+    assert parse_routers(None, None) == []
+    with pytest.raises(SystemExit):
+        parse_routers(cmds[:1], ["a", "b"])
+
+
+def test_routing_report_renders_every_router(tmp_path: Path) -> None:
+    from loadtest.routing_charts import markdown_table, write_tradeoff_chart
+
+    row = {
+        "hit_rate": 0.5,
+        "of_pooled": 1.0,
+        "ttft_p50_ms": 10.0,
+        "ttft_p99_ms": 20.0,
+        "e2e_p99_ms": 30.0,
+        "imbalance": 1.1,
+        "errors": 0,
+    }
+    data = {
+        "workload": "trace",
+        "description": "d",
+        "workers": 8,
+        "kv_blocks_per_worker": 100,
+        "intrinsic_reuse": 0.6,
+        "pooled_reference": 0.5,
+        "rows": [{"policy": "hybrid", **row}, {"policy": "smg", **row, "hit_rate": 0.25}],
+    }
+    table = markdown_table(data)
+    assert "| hybrid | 50.0 |" in table and "| smg | 25.0 |" in table
+    png = tmp_path / "chart.png"
+    write_tradeoff_chart(str(png), [data], ["trace"])
+    assert png.read_bytes().startswith(b"\x89PNG")
