@@ -11,6 +11,7 @@ all that prefix identity needs (vLLM's SHA-256 would give the same matches, slow
 
 from __future__ import annotations
 
+import sys
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -45,19 +46,9 @@ def block_chain(tokens: Sequence[int], block_tokens: int = BLOCK_TOKENS) -> list
 def intrinsic_reuse(
     requests: Iterable[tuple[Sequence[int], Sequence[int]]], block_tokens: int = BLOCK_TOKENS
 ) -> tuple[int, int]:
-    """(hit tokens, prompt tokens) of `(prompt ids, output ids)` pairs served in this order."""
-    seen: set[int] = set()
-    hits = total = 0
-    for prompt, output in requests:
-        total += len(prompt)
-        chain = block_chain(prompt, block_tokens)
-        limit = max(0, (len(prompt) - 1) // block_tokens)
-        matched = 0
-        while matched < limit and chain[matched] in seen:
-            matched += 1
-        hits += matched * block_tokens
-        seen.update(block_chain([*prompt, *output[:-1]], block_tokens))
-    return hits, total
+    """(hit tokens, prompt tokens) of `(prompt ids, output ids)` pairs served in this order by
+    one worker whose cache never evicts."""
+    return pooled_reuse(requests, sys.maxsize, block_tokens)
 
 
 def pooled_reuse(
@@ -70,7 +61,8 @@ def pooled_reuse(
     The pooled-capacity reference: the fleet's whole KV capacity as one cache, nothing held
     twice, requests served one after another in arrival order. Hits are counted as in
     `intrinsic_reuse`; a hit refreshes its blocks, then the request's blocks join the cache as
-    the most recent and the least recently used blocks beyond the capacity leave it."""
+    the most recent and the least recently used blocks beyond the capacity leave it. With an
+    unbounded capacity this is the intrinsic reuse."""
     lru: OrderedDict[int, None] = OrderedDict()
     hits = total = 0
     for prompt, output in requests:
