@@ -14,7 +14,6 @@ promptly, even one whose client turned the cancellation into an error.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import re
@@ -81,14 +80,25 @@ class Supervisor:
         task.add_done_callback(self._tasks.discard)
         return task
 
-    async def stop(self) -> None:
-        """Cancel every loop still running and wait until each has ended."""
+    async def stop(self, grace_s: float = 2.0) -> None:
+        """Cancel every loop still running and wait until each has ended, at most `grace_s`.
+
+        A client library may swallow a cancellation (redis-py's pipeline, cancelled while it
+        reads a reply, goes on waiting for it), so a loop still running is cancelled again
+        every 50 ms; one that outlives the grace is logged and left to the shutdown that
+        follows (closing its client ends it), instead of hanging the gateway's exit."""
         tasks = list(self._tasks)
+        deadline = asyncio.get_running_loop().time() + grace_s
+        while tasks:
+            for task in tasks:
+                task.cancel()
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0:
+                break
+            _, pending = await asyncio.wait(tasks, timeout=min(0.05, remaining))
+            tasks = list(pending)
         for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            log.warning("background loop %s did not stop within %.1f s", task.get_name(), grace_s)
 
     async def supervise(self, name: str, loop: Loop) -> None:
         failures = 0

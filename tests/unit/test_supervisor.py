@@ -8,6 +8,7 @@ waits on the wall clock (wait_for only bounds a condition the event loop reaches
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 
@@ -171,3 +172,41 @@ def test_redact_masks_url_credentials_and_bearer_tokens() -> None:
     text = redact("redis://:s3cret@h:1/0 and https://u:p@w/x and Authorization: Bearer sk-abc")
     assert "s3cret" not in text and "u:p@" not in text and "sk-abc" not in text
     assert "redis://***@h:1/0" in text
+
+
+async def test_stop_ends_a_loop_whose_client_swallows_the_first_cancellation() -> None:
+    # What redis-py's pipeline did at shutdown: cancelled while reading a reply, it caught the
+    # cancellation and went on waiting, and the gateway's exit hung (seen in CI).
+    supervisor = Supervisor(None, BACKOFF)
+    entered = asyncio.Event()
+
+    async def swallows_once() -> None:
+        entered.set()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.Event().wait()
+        await asyncio.Event().wait()  # a second cancellation ends it
+
+    task = supervisor.start("discovery", swallows_once)
+    await wait_for(entered.is_set, what="the loop is waiting")
+    await asyncio.wait_for(supervisor.stop(), timeout=10.0)
+    assert task.done()
+
+
+async def test_stop_gives_up_on_a_loop_that_never_ends() -> None:
+    supervisor = Supervisor(None, BACKOFF)
+    release = asyncio.Event()
+
+    async def immortal() -> None:
+        while not release.is_set():
+            try:
+                await release.wait()
+            except asyncio.CancelledError:
+                continue
+
+    task = supervisor.start("stuck", immortal)
+    await asyncio.wait_for(supervisor.stop(grace_s=0.2), timeout=10.0)  # returns, never hangs
+    assert not task.done()
+    release.set()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task  # once it does end, the pending cancellation stops it: no restart
+    assert task.done()
