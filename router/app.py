@@ -23,8 +23,9 @@ from router.http.middleware import edge
 from router.metrics import GatewayMetrics
 from router.ratelimit import RateLimiter
 from router.result_cache import ResultCache
+from router.routing.policy import SharesInserts
 from router.state.backend import StateBackend
-from router.state.fleet_sync import FleetSync, InsertTarget
+from router.state.fleet_sync import FleetSync
 from router.state.keys import Keys
 from router.state.kv_follower import KVFollower
 from router.state.memory import MemoryState
@@ -83,11 +84,11 @@ def build_app(
     return app
 
 
-def _index_of(registry: Registry, pool: str) -> InsertTarget | None:
-    """The pool's approximate index, for other replicas' inserts (policies without one: None)."""
+def _index_of(registry: Registry, pool: str) -> SharesInserts | None:
+    """Where other replicas' inserts go: the pool's policy, if it keeps an approximate index."""
     found = registry.pools.get(pool)
-    index = getattr(found.policy, "index", None) if found is not None else None
-    return index if callable(getattr(index, "insert", None)) else None
+    policy = found.policy if found is not None else None
+    return policy if isinstance(policy, SharesInserts) else None
 
 
 def build_backend(

@@ -230,6 +230,12 @@ class HybridCost:
                 outcome.ttft_s,
             )
 
+    def apply_remote_insert(self, worker_id: str, block_keys: list[int]) -> None:
+        """Another replica's decision: the worker holds the prefix, and it was given a request
+        (each replica dispatches only its share, so placement must count the others' too)."""
+        self.index.insert(worker_id, block_keys)
+        self.recent.add(worker_id, self.recent.now())
+
     def forget_worker(self, worker: Worker) -> None:
         self.cost_model.rates.forget(worker.id)
         self.recent.forget(worker.id)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from router.upstream.worker import Worker
 
@@ -81,4 +81,13 @@ class Policy(Protocol):
 
     def forget_worker(self, worker: Worker) -> None:
         """Drop everything known about a worker that left the pool."""
+        ...
+
+
+@runtime_checkable
+class SharesInserts(Protocol):
+    """A policy that records other replicas' index inserts (their routing decisions)."""
+
+    def apply_remote_insert(self, worker_id: str, block_keys: list[int]) -> None:
+        """Another replica sent a request with these approximate keys to this worker."""
         ...

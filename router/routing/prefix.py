@@ -73,5 +73,8 @@ class PrefixAffinity:
         # cached beforehand, so the pick-time insert already says everything an outcome could.
         return None
 
+    def apply_remote_insert(self, worker_id: str, block_keys: list[int]) -> None:
+        self.index.insert(worker_id, block_keys)
+
     def forget_worker(self, worker: Worker) -> None:
         self.index.remove_worker(worker.id)

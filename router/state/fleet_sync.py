@@ -33,7 +33,9 @@ _MAX_PENDING = 10_000
 
 
 class InsertTarget(Protocol):
-    def insert(self, worker_id: str, keys: list[int]) -> None: ...
+    """Where another replica's routing decision lands (the pool's policy: its index and load)."""
+
+    def apply_remote_insert(self, worker_id: str, block_keys: list[int]) -> None: ...
 
 
 class FleetSync:
@@ -160,7 +162,7 @@ class FleetSync:
         index = self._index_of(pool)
         if index is None or worker_id is None or block_keys is None:
             return
-        index.insert(worker_id, block_keys)
+        index.apply_remote_insert(worker_id, block_keys)
 
 
 def _entry_id(value: bytes | str) -> str:

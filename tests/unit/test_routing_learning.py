@@ -220,3 +220,20 @@ def test_new_sessions_go_where_little_work_was_placed_lately() -> None:
     # Long ago is forgotten.
     clock[0] = 1000.0
     assert policy.recent.value("w0", clock[0]) < 1e-6
+
+
+def test_other_replicas_decisions_count_as_placed_load() -> None:
+    clock = [0.0]
+    policy = HybridCost(HybridPolicy(), IndexConfig(), random.Random(1))
+    policy.recent = RecentLoad(10.0, clock=lambda: clock[0])
+    ws = workers(2)
+    rng = random.Random(13)
+    system = text(rng, 200)
+    keys = policy.index.block_keys(system)
+    # Another replica sent 20 requests with this prefix to w0: w0 holds it and is loaded.
+    for _ in range(20):
+        policy.apply_remote_insert("w0", keys)
+    assert policy.index.match(keys)["w0"] > 0
+    first_turn = request(policy, system + text(rng, 50))
+    first_turn.session_id = "s"
+    assert policy.pick(first_turn, ws).worker.id == "w1"
