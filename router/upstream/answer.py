@@ -2,9 +2,9 @@
 
 vLLM caches the KV of generated tokens as well as the prompt's, so the next turn of a
 conversation (its history plus this answer) is cached on the worker that answered. The relay
-keeps the raw event bytes it forwarded (up to a bound; longer answers are not indexed) and the
-text is pulled out once, when the answer ended, with one regular expression over the bytes
-instead of a JSON parse per event: the hot path pays a list append per chunk.
+hands each block of complete events it forwarded to `AnswerBytes`, which keeps only the text
+(one regular expression over the block instead of a JSON parse per event, up to a bound; longer
+answers are not indexed) and decodes it once, when the answer ended.
 """
 
 from __future__ import annotations
@@ -13,39 +13,44 @@ import json
 import re
 from typing import Any
 
-MAX_ANSWER_BYTES = 1 << 20
+MAX_ANSWER_BYTES = 256 * 1024
+"""Of escaped answer text kept per stream; a longer answer is not indexed."""
 
 # A JSON string value of "content" (chat deltas) or "text" (completions), escapes included.
 _TEXT = re.compile(rb'"(?:content|text)":"((?:[^"\\]|\\.)*)"')
 
 
 class AnswerBytes:
-    """The event bytes of one streamed answer, bounded."""
+    """The text pieces of one streamed answer, bounded. The relay hands over blocks of whole
+    events, so each block is searched once and only the (still escaped) text is kept: memory
+    grows with the answer's text, not with its event framing."""
 
-    __slots__ = ("_chunks", "_size", "overflowed")
+    __slots__ = ("_pieces", "_size", "overflowed")
 
     def __init__(self) -> None:
-        self._chunks: list[bytes] = []
+        self._pieces: list[bytes] = []
         self._size = 0
         self.overflowed = False
 
     def add(self, data: bytes) -> None:
         if self.overflowed:
             return
-        self._size += len(data)
+        found = _TEXT.findall(data)
+        if not found:
+            return
+        self._size += sum(map(len, found))
         if self._size > MAX_ANSWER_BYTES:
             self.overflowed = True
-            self._chunks.clear()
+            self._pieces.clear()
             return
-        self._chunks.append(data)
+        self._pieces.extend(found)
 
     def text(self) -> str | None:
         """The answer's text, or None when it was too long to keep or unreadable."""
         if self.overflowed:
             return None
-        pieces = _TEXT.findall(b"".join(self._chunks))
         try:
-            text = json.loads(b'"' + b"".join(pieces) + b'"')
+            text = json.loads(b'"' + b"".join(self._pieces) + b'"')
         except ValueError:
             return None
         return text if isinstance(text, str) else None

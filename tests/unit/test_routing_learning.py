@@ -146,8 +146,10 @@ def test_learned_rates_recover_a_workers_prefill_rate_and_decode_cost() -> None:
 def test_answer_text_from_events_and_bodies() -> None:
     answer = AnswerBytes()
     answer.add(b'data: {"choices":[{"delta":{"role":"assistant","content":""}}]}\n\n')
-    answer.add(b'data: {"choices":[{"delta":{"content":"Hel"}}]}\n\ndata: {"choices":[{"d')
-    answer.add(b'elta":{"content":"lo \\"you\\"\\n\\u00e9"}}]}\n\ndata: [DONE]\n\n')
+    # The relay hands over blocks of whole events.
+    answer.add(b'data: {"choices":[{"delta":{"content":"Hel"}}]}\n\n')
+    answer.add(b'data: {"choices":[{"delta":{"content":"lo \\"you\\"\\n\\u00e9"}}]}\n\n')
+    answer.add(b"data: [DONE]\n\n")
     assert answer.text() == 'Hello "you"\n\u00e9'
     completions = AnswerBytes()
     completions.add(b'data: {"choices":[{"text":"a b","index":0}]}\n\n')
@@ -156,8 +158,9 @@ def test_answer_text_from_events_and_bodies() -> None:
     assert answer_of({"choices": [{"text": "y"}]}) == "y"
     assert answer_of({"choices": []}) is None
     huge = AnswerBytes()
-    huge.add(b"x" * (2 << 20))
-    assert huge.text() is None
+    for _ in range(100):
+        huge.add(b'data: {"choices":[{"delta":{"content":"' + b"x" * 4096 + b'"}}]}\n\n')
+    assert huge.text() is None  # over the bound: not indexed, and not kept
 
 
 def test_other_replicas_load_from_worker_reports_steers_new_prompts() -> None:
