@@ -22,12 +22,12 @@ import time
 from collections import Counter
 from typing import Any
 
-import aiohttp
 import redis.asyncio as aioredis
 import uvloop
 
 from loadtest.chart import write_chart
 from loadtest.external_router import parse_routers, start_external, wait_external
+from loadtest.gateway_probe import all_healthy, decision_reasons, machine_busy_s
 from loadtest.intrinsic import ChatTokens, intrinsic_reuse, pooled_reuse
 from loadtest.procs import (
     Fleet,
@@ -99,15 +99,6 @@ def build_workload(name: str, args: argparse.Namespace) -> Workload:
     )
 
 
-def machine_busy_s() -> tuple[float, float]:
-    """(busy, total) CPU seconds of the whole machine so far (Linux /proc/stat), all processes."""
-    with open("/proc/stat") as f:
-        ticks = [int(x) for x in f.readline().split()[1:]]
-    hz = os.sysconf("SC_CLK_TCK")
-    idle = ticks[3] + ticks[4]
-    return (sum(ticks) - idle) / hz, sum(ticks) / hz
-
-
 def _gateway_config(
     sims: list[Proc], policy: str, capacity: int | None, redis_url: str | None
 ) -> dict[str, Any]:
@@ -137,33 +128,6 @@ async def _flush(redis_url: str) -> None:
         await client.aclose()
 
 
-async def _all_healthy(url: str, count: int, timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    async with aiohttp.ClientSession() as session:
-        while time.monotonic() < deadline:
-            async with session.get(url + "/metrics") as resp:
-                text = await resp.text()
-            healthy = [
-                ln for ln in text.splitlines() if ln.startswith("prefix_router_worker_healthy{")
-            ]
-            if sum(ln.endswith(" 1.0") for ln in healthy) >= count:
-                return
-            await asyncio.sleep(0.05)
-    raise RuntimeError(f"gateway {url} did not see {count} healthy workers in {timeout_s}s")
-
-
-async def _decision_reasons(url: str) -> dict[str, float]:
-    async with aiohttp.ClientSession() as session, session.get(url + "/metrics") as resp:
-        text = await resp.text()
-    reasons: dict[str, float] = {}
-    for line in text.splitlines():
-        if line.startswith("prefix_router_routing_decisions_total{"):
-            labels, _, value = line.rpartition(" ")
-            reason = labels.split('reason="', 1)[1].split('"', 1)[0]
-            reasons[reason] = reasons.get(reason, 0.0) + float(value)
-    return reasons
-
-
 async def run_policy(
     policy: str,
     sims: list[Proc],
@@ -188,7 +152,7 @@ async def run_policy(
                 await wait_external(gateway, MODEL)
             else:
                 await wait_ready(gateway.url, "/ready")
-                await _all_healthy(gateway.url, len(sims))
+                await all_healthy(gateway.url, len(sims))
         # After start-up: a router's own readiness probes must not count as the workload's.
         await call_all(sims, "POST", "/sim/reset")
         pids = [*(g.pid for g in gateways), *(s.pid for s in sims)]
@@ -201,7 +165,7 @@ async def run_policy(
         reasons: dict[str, float] = {}
         if external is None:
             for gateway in gateways:
-                for reason, count in (await _decision_reasons(gateway.url)).items():
+                for reason, count in (await decision_reasons(gateway.url)).items():
                     reasons[reason] = reasons.get(reason, 0.0) + count
     finally:
         for gateway in gateways:
