@@ -61,7 +61,9 @@ def build_app(
         admission=Admission(metrics),
         result_cache=ResultCache(backend, Keys(config.state.key_prefix)),
         fleet=FleetSync(
-            backend, Keys(config.state.key_prefix), lambda pool: _index_of(registry, pool)
+            backend,
+            Keys(config.state.key_prefix),
+            lambda pool, worker_id: _insert_target(registry, pool, worker_id),
         ),
         config_path=config_path,
     )
@@ -84,10 +86,16 @@ def build_app(
     return app
 
 
-def _index_of(registry: Registry, pool: str) -> SharesInserts | None:
-    """Where other replicas' inserts go: the pool's policy, if it keeps an approximate index."""
+def _insert_target(registry: Registry, pool: str, worker_id: str) -> SharesInserts | None:
+    """Where another replica's insert for this worker goes: the pool's policy, if it keeps an
+    approximate index and the worker is one of the pool's. An insert naming a worker this
+    gateway does not know (one that left, a stale or foreign entry) is ignored: applied, it would
+    give a ghost a slot in the index that nothing ever frees."""
     found = registry.pools.get(pool)
-    policy = found.policy if found is not None else None
+    worker = registry.worker(worker_id)
+    if found is None or worker is None or worker.pool != pool:
+        return None
+    policy = found.policy
     return policy if isinstance(policy, SharesInserts) else None
 
 

@@ -43,7 +43,7 @@ class FleetSync:
         self,
         backend: StateBackend,
         keys: Keys,
-        index_of: Callable[[str], InsertTarget | None],
+        index_of: Callable[[str, str], InsertTarget | None],
         session_ttl_s: float = SESSION_TTL_S,
     ) -> None:
         self.replica = uuid.uuid4().hex[:12]
@@ -159,10 +159,11 @@ class FleetSync:
             return
         if replica == self.replica:
             return
-        index = self._index_of(pool)
-        if index is None or worker_id is None or block_keys is None:
+        if worker_id is None or block_keys is None:
             return
-        index.apply_remote_insert(worker_id, block_keys)
+        index = self._index_of(pool, worker_id)
+        if index is not None:
+            index.apply_remote_insert(worker_id, block_keys)
 
 
 def _entry_id(value: bytes | str) -> str:

@@ -50,3 +50,36 @@ async def _all_ready(http: aiohttp.ClientSession, url: str, n: int) -> bool:
         text = await resp.text()
     healthy = [ln for ln in text.splitlines() if ln.startswith("prefix_router_worker_healthy{")]
     return len(healthy) == n and all(ln.endswith(" 1.0") for ln in healthy)
+
+
+async def test_inserts_naming_a_worker_this_replica_does_not_know_are_ignored(
+    sims: SimFactory, redis_url: str
+) -> None:
+    import redis.asyncio as aioredis
+
+    from router.app import STATE
+    from router.routing.hybrid import HybridCost
+    from router.serve import start_gateway
+    from router.state.keys import Keys
+    from tests.conftest import MODEL
+
+    (worker,) = await sims(1)
+    runner, _ = await start_gateway(gateway_config([worker.url], state=_state(redis_url)))
+    redis = aioredis.Redis.from_url(redis_url)
+    try:
+        state = runner.app[STATE]
+        policy = state.registry.pools[MODEL].policy
+        assert isinstance(policy, HybridCost)
+        known = state.registry.pools[MODEL].workers[0].id
+        stream = Keys().index_stream(MODEL)
+        # Another replica's inserts: one for a worker that left (or never was), one for ours.
+        for worker_id, keys in (("gone-worker", "11 12 13"), (known, "21 22 23")):
+            entry = {"replica": "other", "worker": worker_id, "keys": keys}
+            await redis.xadd(stream, entry)  # type: ignore[arg-type]
+        await wait_for(
+            lambda: policy.index.blocks_of(known) > 0, what="the known worker's insert applied"
+        )
+        assert "gone-worker" not in policy.index.stats().blocks_per_worker
+    finally:
+        await runner.cleanup()
+        await redis.aclose()
