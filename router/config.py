@@ -2,6 +2,8 @@
 
 Components receive their typed sub-config; nothing outside this module parses configuration.
 All models forbid unknown fields so a typo in the YAML is an error, not a silent default.
+It is over the ~400-line house rule on purpose: rule 2 (all config in one module) wins, so that
+the YAML's whole schema, and the generated `docs/configuration.md`, have one source.
 """
 
 from __future__ import annotations

@@ -28,20 +28,29 @@ async def _requests_seen(http: aiohttp.ClientSession, sims: list[SimHandle]) -> 
     return total
 
 
+async def _two_faulty_workers(
+    sims: SimFactory,
+    gateway: GatewayFactory,
+    http: aiohttp.ClientSession,
+    fault: dict[str, Any],
+    timeouts: dict[str, float],
+) -> tuple[list[SimHandle], str]:
+    """Two workers running `fault`, behind a round-robin gateway with these timeouts."""
+    workers = await sims(2)
+    for sim in workers:
+        await _faults(http, sim, fault)
+    config = gateway_config(
+        [w.url for w in workers], pool={"policy": {"name": "round_robin"}}, timeouts=timeouts
+    )
+    return workers, await gateway(config)
+
+
 async def test_a_long_non_streamed_answer_outlives_first_byte_s(
     sims: SimFactory, gateway: GatewayFactory, http: aiohttp.ClientSession
 ) -> None:
-    workers = await sims(2)
     # The answer is complete only after a 0.5 s stall: ten times the first-byte timeout.
     stall = {"kind": "stall_between_tokens", "after_tokens": 1, "stall_s": 0.5}
-    for sim in workers:
-        await _faults(http, sim, stall)
-    config = gateway_config(
-        [w.url for w in workers],
-        pool={"policy": {"name": "round_robin"}},
-        timeouts={"first_byte_s": 0.05},
-    )
-    url = await gateway(config)
+    workers, url = await _two_faulty_workers(sims, gateway, http, stall, {"first_byte_s": 0.05})
     async with http.post(url + "/v1/chat/completions", json=chat_body(max_tokens=4)) as resp:
         assert resp.status == 200, await resp.text()
         assert (await resp.json())["usage"]["completion_tokens"] == 4
@@ -51,15 +60,13 @@ async def test_a_long_non_streamed_answer_outlives_first_byte_s(
 async def test_the_generation_deadline_cuts_a_non_streamed_answer_without_a_retry(
     sims: SimFactory, gateway: GatewayFactory, http: aiohttp.ClientSession
 ) -> None:
-    workers = await sims(2)
-    for sim in workers:
-        await _faults(http, sim, {"kind": "hang_before_first_byte"})
-    config = gateway_config(
-        [w.url for w in workers],
-        pool={"policy": {"name": "round_robin"}},
-        timeouts={"first_byte_s": 0.05, "generation_s": 0.3},
+    workers, url = await _two_faulty_workers(
+        sims,
+        gateway,
+        http,
+        {"kind": "hang_before_first_byte"},
+        {"first_byte_s": 0.05, "generation_s": 0.3},
     )
-    url = await gateway(config)
     async with http.post(url + "/v1/chat/completions", json=chat_body()) as resp:
         assert resp.status == 504, await resp.text()
         assert (await resp.json())["error"]["code"] == "upstream_timeout"
@@ -69,15 +76,9 @@ async def test_the_generation_deadline_cuts_a_non_streamed_answer_without_a_retr
 async def test_an_accepted_stream_is_not_retried_on_a_first_byte_timeout_by_default(
     sims: SimFactory, gateway: GatewayFactory, http: aiohttp.ClientSession
 ) -> None:
-    workers = await sims(2)
-    for sim in workers:
-        await _faults(http, sim, {"kind": "hang_before_first_byte"})
-    config = gateway_config(
-        [w.url for w in workers],
-        pool={"policy": {"name": "round_robin"}},
-        timeouts={"first_byte_s": 0.2},
+    workers, url = await _two_faulty_workers(
+        sims, gateway, http, {"kind": "hang_before_first_byte"}, {"first_byte_s": 0.2}
     )
-    url = await gateway(config)
     body = chat_body(stream=True)
     async with http.post(url + "/v1/chat/completions", json=body) as resp:
         assert resp.status == 504, await resp.text()

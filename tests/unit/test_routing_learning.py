@@ -198,10 +198,16 @@ def test_identical_workers_share_the_pools_rates_and_a_slow_one_keeps_its_own() 
     assert rates.rate("w2") == pytest.approx(3000, rel=0.2)  # its own, blended with the prior
 
 
-def test_new_sessions_go_where_little_work_was_placed_lately() -> None:
-    clock = [0.0]
+def clocked_policy(clock: list[float]) -> HybridCost:
+    """A hybrid policy whose recent-load clock reads `clock[0]`."""
     policy = HybridCost(HybridPolicy(), IndexConfig(), random.Random(1))
     policy.recent = RecentLoad(10.0, clock=lambda: clock[0])
+    return policy
+
+
+def test_new_sessions_go_where_little_work_was_placed_lately() -> None:
+    clock = [0.0]
+    policy = clocked_policy(clock)
     ws = workers(2)
     rng = random.Random(10)
     system = text(rng, 200)
@@ -227,8 +233,7 @@ def test_new_sessions_go_where_little_work_was_placed_lately() -> None:
 
 def test_other_replicas_decisions_count_as_placed_load() -> None:
     clock = [0.0]
-    policy = HybridCost(HybridPolicy(), IndexConfig(), random.Random(1))
-    policy.recent = RecentLoad(10.0, clock=lambda: clock[0])
+    policy = clocked_policy(clock)
     ws = workers(2)
     rng = random.Random(13)
     system = text(rng, 200)
