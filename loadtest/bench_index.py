@@ -23,10 +23,11 @@ from pathlib import Path
 from typing import Any
 
 from router.config import HybridPolicy, IndexConfig
+from router.domain.calibration import CHARS_PER_TOKEN
+from router.domain.policy import RoutingRequest
+from router.domain.worker import Health, Worker
 from router.routing.hybrid import HybridCost
-from router.routing.key import CHARS_PER_TOKEN, estimate_prompt_tokens
-from router.routing.policy import RoutingRequest
-from router.upstream.worker import Health, Worker
+from router.routing.key import estimate_prompt_tokens
 
 WORKERS = 8
 PROMPT_TOKENS = (2_000, 16_000)

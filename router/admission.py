@@ -17,9 +17,9 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 from router.config import AdmissionConfig
+from router.domain.pool import Pool
 from router.errors import NoCapacity, RateLimited
 from router.metrics import GatewayMetrics
-from router.upstream.registry import Pool
 
 PRIORITY_RANK = {"high": 0, "normal": 1, "low": 2}
 

@@ -17,27 +17,28 @@ from aiohttp import web
 from router.admission import Admission
 from router.auth import Authenticator
 from router.config import GatewayConfig, StateConfig
+from router.domain.policy import SharesInserts
+from router.domain.registry import Registry
 from router.http import admin, openai, ops, seed, stats
 from router.http.context import STATE, GatewayState
 from router.http.middleware import edge
 from router.metrics import GatewayMetrics
 from router.ratelimit import RateLimiter
 from router.result_cache import ResultCache
-from router.routing.policy import SharesInserts
-from router.state.backend import StateBackend
+from router.routing.factory import PoolRoutingFactory
+from router.state.backend import FleetBackend, StateBackend
+from router.state.discovery import Discovery
 from router.state.fleet_sync import FleetSync
 from router.state.keys import Keys
 from router.state.kv_follower import KVFollower
 from router.state.memory import MemoryState
 from router.state.redis_state import RedisState
 from router.supervisor import Supervisor
-from router.upstream.discovery import Discovery
 from router.upstream.health import HealthChecker
 from router.upstream.http1 import UpstreamClient
 from router.upstream.load_scrape import LoadScraper
 from router.upstream.outlier import OutlierDetector
 from router.upstream.proxy import Proxy
-from router.upstream.registry import Registry
 
 SUPERVISOR = web.AppKey("supervisor", Supervisor)
 
@@ -45,7 +46,7 @@ SUPERVISOR = web.AppKey("supervisor", Supervisor)
 def build_app(
     config: GatewayConfig, rng: random.Random | None = None, config_path: str | None = None
 ) -> web.Application:
-    registry = Registry(config, rng=rng)
+    registry = Registry(config, PoolRoutingFactory(rng))
     metrics = GatewayMetrics(registry.workers)
     supervisor = Supervisor(metrics.background_restarts)
     backend = build_backend(config.state, metrics, supervisor)
@@ -159,7 +160,7 @@ async def _background_tasks(app: web.Application) -> AsyncIterator[None]:
         state.registry,
         state.session,
         state.config.load_scrape,
-        shared_fleet=isinstance(state.backend, RedisState),
+        shared_fleet=isinstance(state.backend, FleetBackend),
     )
     state.on_reload.append(lambda config: scraper.reconfigure(config.load_scrape))
     state.registry.on_remove.append(lambda worker: scraper.forget(worker.id))
@@ -181,10 +182,11 @@ async def _start_loops(
     if state.config.load_scrape.enabled:
         await scraper.scrape_all()
         supervisor.start("load_scrape", scraper.run)
-    if isinstance(state.backend, RedisState):
+    backend = state.backend
+    if isinstance(backend, FleetBackend):
         discovery = Discovery(
             state.registry,
-            state.backend,
+            backend,
             Keys(state.config.state.key_prefix),
             state.config.state.discovery_interval_s,
         )
@@ -196,8 +198,7 @@ async def _start_loops(
         supervisor.start(
             "index_follower", lambda: state.fleet.run_follower(lambda: list(state.registry.pools))
         )
-        assert state.config.state.redis_url is not None
         kv_follower = KVFollower(
-            state.registry, state.config.state.redis_url, Keys(state.config.state.key_prefix)
+            state.registry, backend.redis_url, Keys(state.config.state.key_prefix)
         )
         supervisor.start("kv_follower", kv_follower.run)

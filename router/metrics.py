@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from router.upstream.worker import Health, Worker
+from router.domain.worker import Health, Worker
 
 LATENCY_BUCKETS_S = (
     0.001,

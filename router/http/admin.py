@@ -13,9 +13,9 @@ from typing import Any
 
 from aiohttp import web
 
+from router.domain.worker import Worker
 from router.errors import GatewayError, InvalidRequest, NotFound
 from router.http.context import GatewayState, state_of
-from router.upstream.worker import Worker
 
 _WORKER = "/admin/workers/{worker_id:.+}"  # ids look like `pool/0`: let the id hold slashes
 

@@ -18,6 +18,7 @@ from aiohttp import web
 from router.admission import Admission
 from router.auth import Authenticator, Tenant
 from router.config import ConfigError, GatewayConfig, load_config
+from router.domain.registry import Registry
 from router.metrics import GatewayMetrics
 from router.ratelimit import RateLimiter
 from router.result_cache import ResultCache
@@ -26,7 +27,6 @@ from router.state.fleet_sync import FleetSync
 from router.stats import Stats
 from router.upstream.call import CallResult
 from router.upstream.proxy import Proxy
-from router.upstream.registry import Registry
 
 log = logging.getLogger("prefix_router")
 

@@ -17,6 +17,8 @@ from aiohttp import web
 
 from router.admission import PRIORITY_RANK, PoolGate
 from router.auth import Tenant, check_model
+from router.domain.policy import Decision, RoutingRequest
+from router.domain.pool import Pool
 from router.errors import InvalidRequest, NoCapacity
 from router.http.body import Kind, check_fields, parse_json_object, read_body, require_model
 from router.http.context import ACCESS, TENANT, GatewayState, request_id_of, state_of
@@ -28,9 +30,7 @@ from router.result_cache import (
     respond_from_cache,
 )
 from router.routing.key import routing_key
-from router.routing.policy import Decision, RoutingRequest
 from router.upstream.call import CallResult, UpstreamCall
-from router.upstream.registry import Pool
 
 _PATHS: dict[Kind, str] = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
 DEFAULT_MAX_TOKENS = 16

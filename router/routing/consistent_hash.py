@@ -16,8 +16,8 @@ from bisect import bisect_right
 from collections.abc import Sequence
 
 from router.config import ConsistentHashPolicy, IndexConfig
-from router.routing.policy import Decision, Outcome, RoutingRequest
-from router.upstream.worker import Worker
+from router.domain.policy import Decision, Outcome, RoutingRequest
+from router.domain.worker import Worker
 
 
 def stable_hash64(text: str) -> int:

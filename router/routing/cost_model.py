@@ -23,8 +23,8 @@ while spreading sessions over every worker).
 from __future__ import annotations
 
 from router.config import HybridPolicy
+from router.domain.worker import Worker
 from router.routing.rates import LearnedRates
-from router.upstream.worker import Worker
 
 
 class CostModel:

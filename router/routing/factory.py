@@ -14,16 +14,18 @@ from router.config import (
     IndexConfig,
     LeastLoadPolicy,
     PolicyConfig,
+    PoolConfig,
     PreciseConfig,
     PrefixPolicy,
     RoundRobinPolicy,
 )
-from router.routing.calibration import TokenCalibration
+from router.domain.calibration import TokenCalibration
+from router.domain.policy import Policy, PromptKeyer
 from router.routing.consistent_hash import ConsistentHash
 from router.routing.hybrid import HybridCost
 from router.routing.least_load import LeastLoad
-from router.routing.policy import Policy
 from router.routing.precise_index import PreciseIndex
+from router.routing.precise_key import PreciseKeyer
 from router.routing.prefix import PrefixAffinity
 from router.routing.round_robin import RoundRobin
 
@@ -56,3 +58,18 @@ def build_policy(
             )
         return HybridCost(config, index_config, rng, precise_index, calibration)
     raise ValueError(f"pool {pool_name!r}: unknown policy {config!r}")
+
+
+class PoolRoutingFactory:
+    """Builds each pool's routing parts for the registry (`domain.pool.PoolRouting`)."""
+
+    def __init__(self, rng: random.Random | None = None) -> None:
+        self._rng = rng or random.Random()
+
+    def policy(self, pool: str, config: PoolConfig, calibration: TokenCalibration) -> Policy:
+        return build_policy(
+            pool, config.policy, config.index, self._rng, config.precise, calibration
+        )
+
+    def keyer(self, config: PreciseConfig) -> PromptKeyer:
+        return PreciseKeyer(config)

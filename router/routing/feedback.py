@@ -14,9 +14,9 @@ has reported a number before.
 
 from __future__ import annotations
 
-from router.routing.policy import Outcome
+from router.domain.policy import Outcome
+from router.domain.worker import Worker
 from router.routing.prefix_index import PrefixIndex
-from router.upstream.worker import Worker
 
 _BLOCK_TOKENS = 16
 _GROWTH = 1.25

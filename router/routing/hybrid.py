@@ -25,15 +25,15 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 from router.config import HybridPolicy, IndexConfig
-from router.routing.calibration import TokenCalibration
+from router.domain.calibration import TokenCalibration
+from router.domain.policy import Decision, Outcome, RoutingRequest
+from router.domain.worker import Worker
 from router.routing.cost_model import CostModel
 from router.routing.feedback import CacheFeedback
-from router.routing.policy import Decision, Outcome, RoutingRequest
 from router.routing.precise_index import PreciseIndex
 from router.routing.prefix_index import PrefixIndex
 from router.routing.recent_load import RecentLoad
 from router.routing.sessions import SessionTable
-from router.upstream.worker import Worker
 
 _TIE_S = 1e-6
 

@@ -16,8 +16,7 @@ import json
 from collections.abc import Mapping
 from typing import Any, Literal
 
-CHARS_PER_TOKEN = 4
-"""The cheap token estimate used everywhere in routing: about four characters per token."""
+from router.domain.calibration import CHARS_PER_TOKEN
 
 # Separators that never occur in ordinary text, so "role + content" boundaries are unambiguous
 # and a message's rendering cannot be confused with the start of the next one.

@@ -10,8 +10,8 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 
-from router.routing.policy import Decision, Outcome, RoutingRequest
-from router.upstream.worker import Worker
+from router.domain.policy import Decision, Outcome, RoutingRequest
+from router.domain.worker import Worker
 
 
 def least_loaded(candidates: Sequence[Worker], rng: random.Random) -> Worker:

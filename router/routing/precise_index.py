@@ -21,8 +21,9 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
 
-from router.upstream.worker import Worker
+from router.domain.worker import Worker
 
 STORED, REMOVED, CLEARED = "stored", "removed", "cleared"
 
@@ -256,3 +257,10 @@ class PreciseIndex:
                 del spec[key]
                 self._drop(self._speculative, key, bit)
         self._next_expiry = nearest
+
+
+@runtime_checkable
+class FollowsKVEvents(Protocol):
+    """A policy that routes on workers' KV events (hybrid in precise mode): its index."""
+
+    precise: PreciseIndex | None

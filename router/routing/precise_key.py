@@ -10,10 +10,10 @@ tokenizer cannot render (the worker will answer 400 anyway) routes on the approx
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from router.config import PreciseConfig
+from router.domain.policy import PreciseKey
 from router.vllm_wire.block_hash import (
     block_extra_keys,
     hash_block_tokens,
@@ -24,12 +24,6 @@ from router.vllm_wire.prompt_tokens import PromptTokenizer, build_prompt_tokeniz
 from router.vllm_wire.word_tokenizer import PromptError
 
 _MEMO_ENTRIES = 200_000
-
-
-@dataclass(frozen=True, slots=True)
-class PreciseKey:
-    prompt_tokens: int
-    block_hashes: list[int]
 
 
 class PreciseKeyer:

@@ -16,10 +16,10 @@ import random
 from collections.abc import Sequence
 
 from router.config import IndexConfig, PrefixPolicy
-from router.routing.calibration import TokenCalibration
-from router.routing.policy import Decision, Outcome, RoutingRequest
+from router.domain.calibration import TokenCalibration
+from router.domain.policy import Decision, Outcome, RoutingRequest
+from router.domain.worker import Worker
 from router.routing.prefix_index import PrefixIndex
-from router.upstream.worker import Worker
 
 
 class PrefixAffinity:

@@ -39,9 +39,8 @@ from typing import Any
 import pygtrie
 
 from router.config import IndexConfig
-from router.routing.calibration import TokenCalibration
-from router.routing.key import CHARS_PER_TOKEN
-from router.upstream.worker import Worker
+from router.domain.calibration import CHARS_PER_TOKEN, TokenCalibration
+from router.domain.worker import Worker
 
 _ROOT = -1
 _VLLM_BLOCK_TOKENS = 16

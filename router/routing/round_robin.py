@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from router.routing.policy import Decision, Outcome, RoutingRequest
-from router.upstream.worker import Worker
+from router.domain.policy import Decision, Outcome, RoutingRequest
+from router.domain.worker import Worker
 
 
 class RoundRobin:

@@ -8,7 +8,9 @@ Key names come from `router.state.keys`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
+
+from redis import asyncio as aioredis
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,3 +60,21 @@ class StateBackend(Protocol):
     async def cache_get(self, key: str) -> bytes | None: ...
 
     async def cache_set(self, key: str, value: bytes, ttl_s: float) -> None: ...
+
+
+@runtime_checkable
+class FleetBackend(Protocol):
+    """A backend shared with other replicas by design (Redis), whether or not it answers now.
+
+    Discovery and the fleet followers run only on one, and a worker's load report then counts
+    other replicas' requests. Checked once at build time (`isinstance`), never per request."""
+
+    @property
+    def redis_url(self) -> str:
+        """Where the shared state lives; followers open their own connections to it."""
+        ...
+
+    @property
+    def client(self) -> aioredis.Redis | None:
+        """The live connection, None while Redis is away."""
+        ...

@@ -30,11 +30,18 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
+from router.domain.pool import Pool
+from router.domain.registry import Registry
 from router.logs import LogOnce
-from router.routing.precise_index import CLEARED, REMOVED, STORED, PreciseIndex
+from router.routing.precise_index import (
+    CLEARED,
+    REMOVED,
+    STORED,
+    FollowsKVEvents,
+    PreciseIndex,
+)
 from router.state.keys import Keys
 from router.state.redis_state import stop_if_cancelled
-from router.upstream.registry import Pool, Registry
 
 log = logging.getLogger("prefix_router.kv_follower")
 
@@ -119,9 +126,9 @@ class KVFollower:
     def _precise_pools(self) -> dict[str, tuple[Pool, PreciseIndex]]:
         found = {}
         for name, pool in self._registry.pools.items():
-            index = getattr(pool.policy, "precise", None)
-            if isinstance(index, PreciseIndex):
-                found[name] = (pool, index)
+            policy = pool.policy
+            if isinstance(policy, FollowsKVEvents) and policy.precise is not None:
+                found[name] = (pool, policy.precise)
         return found
 
     @staticmethod

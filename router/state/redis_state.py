@@ -100,6 +100,10 @@ class RedisState:
         return self._up
 
     @property
+    def redis_url(self) -> str:
+        return self._url
+
+    @property
     def client(self) -> aioredis.Redis | None:
         return self._client if self._up else None
 

@@ -9,10 +9,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from router.routing.policy import Decision, RoutingRequest
-from router.upstream.registry import Pool
+from router.domain.policy import Decision, RoutingRequest
+from router.domain.pool import Pool
+from router.domain.worker import Worker
 from router.upstream.sse import Usage
-from router.upstream.worker import Worker
 
 
 @dataclass(slots=True)

@@ -17,10 +17,10 @@ from dataclasses import dataclass
 import aiohttp
 
 from router.config import HealthConfig
+from router.domain.registry import Registry
+from router.domain.worker import Health, Worker
 from router.metrics import GatewayMetrics
 from router.supervisor import redact
-from router.upstream.registry import Registry
-from router.upstream.worker import Health, Worker
 
 log = logging.getLogger("prefix_router.health")
 

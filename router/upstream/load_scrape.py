@@ -20,10 +20,10 @@ from collections.abc import Callable
 import aiohttp
 
 from router.config import LoadScrapeConfig
+from router.domain.registry import Registry
+from router.domain.worker import ReportedLoad, Worker
 from router.logs import LogOnce
 from router.supervisor import redact
-from router.upstream.registry import Registry
-from router.upstream.worker import ReportedLoad, Worker
 
 log = logging.getLogger("prefix_router.load")
 

@@ -13,9 +13,9 @@ import logging
 import time
 
 from router.config import OutlierConfig
+from router.domain.registry import Registry
+from router.domain.worker import Worker
 from router.metrics import GatewayMetrics
-from router.upstream.registry import Registry
-from router.upstream.worker import Worker
 
 log = logging.getLogger("prefix_router.outlier")
 

@@ -26,16 +26,16 @@ from collections.abc import Callable
 from aiohttp import web
 
 from router.config import RetryConfig, TimeoutsConfig
+from router.domain.policy import Decision, Outcome, RoutingRequest
+from router.domain.worker import Worker
 from router.errors import GatewayError, NoCapacity, UpstreamFailed, UpstreamTimeout
 from router.metrics import GatewayMetrics
 from router.routing.key import extend_key
-from router.routing.policy import Decision, Outcome, RoutingRequest
 from router.upstream.answer import AnswerBytes, answer_of
 from router.upstream.call import CallResult, UpstreamCall
 from router.upstream.http1 import Connection, Head, UpstreamClient, format_request
 from router.upstream.outlier import OutlierDetector
 from router.upstream.sse import DONE, EVENT_END, error_event, split_usage_event, usage_from
-from router.upstream.worker import Worker
 
 log = logging.getLogger("prefix_router.proxy")
 

@@ -18,10 +18,10 @@ import pytest
 import redis.asyncio as aioredis
 from aiohttp import web
 
+from router.domain.worker import Health, Worker
 from router.http.context import STATE
 from router.serve import start_gateway
 from router.state.keys import Keys
-from router.upstream.worker import Health, Worker
 from tests.conftest import MODEL, SimFactory, chat_body, gateway_config, wait_for
 
 # What the broken worker answers once it breaks: (the /v1/models body, the /metrics text).

@@ -13,10 +13,11 @@ from typing import Any
 
 from router.admission import PoolGate
 from router.config import parse_config
+from router.domain.registry import Registry
+from router.domain.worker import Health
 from router.errors import NoCapacity
 from router.metrics import GatewayMetrics
-from router.upstream.registry import Registry
-from router.upstream.worker import Health
+from router.routing.factory import PoolRoutingFactory
 
 QUEUE_TIMEOUT_S = 5.0
 
@@ -45,7 +46,9 @@ def _gate() -> tuple[PoolGate, GatewayMetrics]:
         "workers": [{"url": "http://127.0.0.1:9"}],
         "admission": {"max_in_flight_per_worker": 1, "queue_timeout_s": QUEUE_TIMEOUT_S},
     }
-    registry = Registry(parse_config({"auth": {"enabled": False}, "pools": {"m": pool}}))
+    registry = Registry(
+        parse_config({"auth": {"enabled": False}, "pools": {"m": pool}}), PoolRoutingFactory()
+    )
     for worker in registry.workers():
         worker.health = Health.HEALTHY
     metrics = GatewayMetrics(registry.workers)

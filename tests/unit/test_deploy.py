@@ -13,8 +13,8 @@ import yaml
 
 from router.cli import main as router_cli
 from router.config import GatewayConfig, load_config, parse_config
+from router.domain.worker import Worker
 from router.metrics import GatewayMetrics
-from router.upstream.worker import Worker
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 K8S = DEPLOY / "k8s"

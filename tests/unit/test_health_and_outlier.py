@@ -5,17 +5,19 @@ from __future__ import annotations
 import time
 
 from router.config import HealthConfig, OutlierConfig, parse_config
+from router.domain.registry import Registry
+from router.domain.worker import Health
 from router.metrics import GatewayMetrics
+from router.routing.factory import PoolRoutingFactory
 from router.upstream.health import HealthChecker
 from router.upstream.outlier import OutlierDetector
-from router.upstream.registry import Registry
-from router.upstream.worker import Health
 
 
 def _registry(n: int) -> Registry:
     workers = [{"url": f"http://127.0.0.1:{9000 + i}"} for i in range(n)]
     return Registry(
-        parse_config({"auth": {"enabled": False}, "pools": {"m": {"workers": workers}}})
+        parse_config({"auth": {"enabled": False}, "pools": {"m": {"workers": workers}}}),
+        PoolRoutingFactory(),
     )
 
 

@@ -11,15 +11,15 @@ from router.config import (
     PrefixPolicy,
     RoundRobinPolicy,
 )
+from router.domain.policy import RoutingRequest
+from router.domain.worker import Health, Worker
 from router.routing.consistent_hash import ConsistentHash
 from router.routing.factory import build_policy
 from router.routing.hybrid import HybridCost
 from router.routing.key import estimate_prompt_tokens
 from router.routing.least_load import LeastLoad
-from router.routing.policy import RoutingRequest
 from router.routing.prefix import PrefixAffinity
 from router.routing.sessions import SessionTable
-from router.upstream.worker import Health, Worker
 
 INDEX = IndexConfig()
 
@@ -226,9 +226,9 @@ def test_factory_builds_each_policy() -> None:
 
 def test_hybrid_keeps_a_sessionless_near_tie_on_the_prefix_holder() -> None:
     from router.config import HybridPolicy, IndexConfig
+    from router.domain.policy import RoutingRequest
+    from router.domain.worker import Health, Worker
     from router.routing.hybrid import HybridCost
-    from router.routing.policy import RoutingRequest
-    from router.upstream.worker import Health, Worker
 
     policy = HybridCost(HybridPolicy(), IndexConfig(), rng=random.Random(3))
     workers = [

@@ -5,10 +5,10 @@ from __future__ import annotations
 import random
 
 from router.config import HybridPolicy, IndexConfig
+from router.domain.policy import RoutingRequest
+from router.domain.worker import Health, Worker
 from router.routing.hybrid import HybridCost
-from router.routing.policy import RoutingRequest
 from router.routing.precise_index import PreciseIndex
-from router.upstream.worker import Health, Worker
 
 
 class FakeClock:

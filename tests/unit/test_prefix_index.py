@@ -6,8 +6,8 @@ import sys
 import pytest
 
 from router.config import IndexConfig
+from router.domain.worker import ReportedLoad, Worker
 from router.routing.prefix_index import Checkpoints, PrefixIndex
-from router.upstream.worker import ReportedLoad, Worker
 
 BACKENDS = ["flat", "pygtrie"]
 

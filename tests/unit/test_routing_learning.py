@@ -7,15 +7,15 @@ import random
 import pytest
 
 from router.config import HybridPolicy, IndexConfig
-from router.routing.calibration import TokenCalibration
+from router.domain.calibration import TokenCalibration
+from router.domain.policy import Outcome, RoutingRequest
+from router.domain.worker import Health, Worker
 from router.routing.hybrid import HybridCost
 from router.routing.key import extend_key, routing_key
-from router.routing.policy import Outcome, RoutingRequest
 from router.routing.prefix_index import PrefixIndex
 from router.routing.rates import LearnedRates
 from router.routing.recent_load import RecentLoad
 from router.upstream.answer import AnswerBytes, answer_of
-from router.upstream.worker import Health, Worker
 
 
 def workers(n: int) -> list[Worker]:
@@ -164,7 +164,7 @@ def test_answer_text_from_events_and_bodies() -> None:
 
 
 def test_other_replicas_load_from_worker_reports_steers_new_prompts() -> None:
-    from router.upstream.worker import ReportedLoad
+    from router.domain.worker import ReportedLoad
 
     ws = workers(2)
     ws[0].in_flight = 1

@@ -22,8 +22,8 @@ from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from router.domain.worker import ReportedLoad
 from router.upstream.load_scrape import parse_vllm_metrics
-from router.upstream.worker import ReportedLoad
 from workers.agent.config import AgentConfig
 from workers.agent.publisher import RedisFleetWriter
 from workers.agent.subscriber import Batch, KVEventSubscriber

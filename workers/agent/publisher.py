@@ -25,8 +25,8 @@ from redis.asyncio.client import Pipeline
 from redis.exceptions import RedisError
 from redis.typing import EncodableT, FieldT
 
+from router.domain.worker import ReportedLoad
 from router.state.keys import KV_SNAPSHOT_TTL_FACTOR, SNAPSHOT_CHUNK, Keys
-from router.upstream.worker import ReportedLoad
 from router.vllm_wire.kv_events import (
     MEDIUM_GPU,
     AllBlocksCleared,

@@ -20,11 +20,11 @@ import time
 from redis.exceptions import RedisError, ResponseError
 from yarl import URL
 
+from router.domain.registry import Registry
+from router.domain.worker import ReportedLoad, Worker
 from router.logs import LogOnce
+from router.state.backend import FleetBackend
 from router.state.keys import Keys
-from router.state.redis_state import RedisState
-from router.upstream.registry import Registry
-from router.upstream.worker import ReportedLoad, Worker
 
 log = logging.getLogger("prefix_router.discovery")
 
@@ -84,7 +84,7 @@ def _load(registration: Record, load: Record) -> ReportedLoad:
 
 class Discovery:
     def __init__(
-        self, registry: Registry, state: RedisState, keys: Keys, interval_s: float
+        self, registry: Registry, state: FleetBackend, keys: Keys, interval_s: float
     ) -> None:
         self._registry = registry
         self._state = state

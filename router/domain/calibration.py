@@ -11,7 +11,9 @@ enough to matter, so indexes re-derive their budgets only then.
 
 from __future__ import annotations
 
-from router.routing.key import CHARS_PER_TOKEN
+CHARS_PER_TOKEN = 4
+"""The cheap token estimate used everywhere in routing until a pool has learned its own: about
+four characters per token (English prose)."""
 
 _MIN_TOKENS = 16
 """Prompts shorter than a block say more about the chat template than about the text."""

@@ -1,4 +1,5 @@
-"""The routing Protocol every policy implements, and the values that cross it.
+"""The routing Protocol every policy implements, the values that cross it, and the optional
+capabilities a policy may have (checked with isinstance, never with getattr).
 
 `pick` is synchronous and does no I/O: loads and cache knowledge have already been pushed into
 the state it reads. `observe` receives outcomes after the response ends.
@@ -6,11 +7,11 @@ the state it reads. `observe` receives outcomes after the response ends.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
-from router.upstream.worker import Worker
+from router.domain.worker import Worker
 
 
 @dataclass(slots=True)
@@ -30,6 +31,22 @@ class RoutingRequest:
     block_hashes: list[int] | None = None
     """vLLM's block hashes of the prompt (event ints), for pools in precise mode; `prompt_tokens`
     is then exact."""
+
+
+@dataclass(frozen=True, slots=True)
+class PreciseKey:
+    """A prompt as a precise pool's workers see it: its token count and vLLM's block hashes."""
+
+    prompt_tokens: int
+    block_hashes: list[int]
+
+
+class PromptKeyer(Protocol):
+    """Tokenizes and hashes a request body as a precise pool's workers will (routing's job)."""
+
+    def key(self, body: Mapping[str, Any], chat: bool) -> PreciseKey | None:
+        """None when the body cannot be rendered (the worker will refuse it too)."""
+        ...
 
 
 @dataclass(slots=True)

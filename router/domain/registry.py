@@ -6,45 +6,18 @@ discovered workers (agents registering through Redis) are added and removed at r
 
 from __future__ import annotations
 
-import random
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 
-from router.config import GatewayConfig, PoolConfig
+from router.config import GatewayConfig
+from router.domain.calibration import TokenCalibration
+from router.domain.pool import Pool, PoolRouting
+from router.domain.worker import Worker
 from router.errors import ModelNotFound
-from router.routing.calibration import TokenCalibration
-from router.routing.factory import build_policy
-from router.routing.policy import Policy
-from router.routing.precise_key import PreciseKeyer
-from router.upstream.worker import Health, Worker
-
-
-@dataclass(eq=False)
-class Pool:
-    name: str
-    config: PoolConfig
-    policy: Policy
-    workers: list[Worker] = field(default_factory=list)
-    keyer: PreciseKeyer | None = None
-    """Tokenizer and block hashing of a pool in precise mode."""
-    calibration: TokenCalibration = field(default_factory=TokenCalibration)
-    """Characters per token of this pool's traffic, learned from workers' usage; it outlives
-    reloads, as the traffic does."""
-
-    def candidates(self) -> list[Worker]:
-        routable = [w for w in self.workers if w.routable]
-        if routable:
-            return routable
-        # Panic mode: every healthy worker is ejected; routing to them beats refusing all.
-        return [w for w in self.workers if w.health is Health.HEALTHY and not w.draining]
-
-    def has_healthy_worker(self) -> bool:
-        return any(w.routable for w in self.workers)
 
 
 class Registry:
-    def __init__(self, config: GatewayConfig, rng: random.Random | None = None) -> None:
-        self._rng = rng or random.Random()
+    def __init__(self, config: GatewayConfig, routing: PoolRouting) -> None:
+        self._routing = routing
         self._pools: dict[str, Pool] = {}
         self._by_model: dict[str, Pool] = {}
         self._workers: dict[str, Worker] = {}
@@ -76,19 +49,12 @@ class Registry:
                 policy = old.policy
                 kept_policy.add(name)
             else:
-                policy = build_policy(
-                    name,
-                    pool_config.policy,
-                    pool_config.index,
-                    self._rng,
-                    pool_config.precise,
-                    calibration,
-                )
+                policy = self._routing.policy(name, pool_config, calibration)
             keyer = None
             if pool_config.precise is not None:
                 same = old is not None and old.config.precise == pool_config.precise
                 keyer = old.keyer if same and old is not None else None
-                keyer = keyer or PreciseKeyer(pool_config.precise)
+                keyer = keyer or self._routing.keyer(pool_config.precise)
             pool = Pool(
                 name=name, config=pool_config, policy=policy, keyer=keyer, calibration=calibration
             )

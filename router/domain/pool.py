@@ -1,0 +1,50 @@
+"""A pool: the workers serving one model, its routing policy, and who can take a request now.
+
+A pool is a domain value: the policy and keyer it carries are built by routing and handed in
+(see `PoolRouting`), so this package imports nothing of the gateway but its config schema.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from router.config import PoolConfig, PreciseConfig
+from router.domain.calibration import TokenCalibration
+from router.domain.policy import Policy, PromptKeyer
+from router.domain.worker import Health, Worker
+
+
+class PoolRouting(Protocol):
+    """What builds a pool's routing parts (routing/factory.py); injected into the registry."""
+
+    def policy(self, pool: str, config: PoolConfig, calibration: TokenCalibration) -> Policy:
+        """A fresh policy for the pool (its own index and session table)."""
+        ...
+
+    def keyer(self, config: PreciseConfig) -> PromptKeyer:
+        """The tokenizer and block hashing of a pool in precise mode."""
+        ...
+
+
+@dataclass(eq=False)
+class Pool:
+    name: str
+    config: PoolConfig
+    policy: Policy
+    workers: list[Worker] = field(default_factory=list)
+    keyer: PromptKeyer | None = None
+    """Tokenizer and block hashing of a pool in precise mode."""
+    calibration: TokenCalibration = field(default_factory=TokenCalibration)
+    """Characters per token of this pool's traffic, learned from workers' usage; it outlives
+    reloads, as the traffic does."""
+
+    def candidates(self) -> list[Worker]:
+        routable = [w for w in self.workers if w.routable]
+        if routable:
+            return routable
+        # Panic mode: every healthy worker is ejected; routing to them beats refusing all.
+        return [w for w in self.workers if w.health is Health.HEALTHY and not w.draining]
+
+    def has_healthy_worker(self) -> bool:
+        return any(w.routable for w in self.workers)
