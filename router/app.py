@@ -34,11 +34,12 @@ from router.state.kv_follower import KVFollower
 from router.state.memory import MemoryState
 from router.state.redis_state import RedisState
 from router.supervisor import Supervisor
+from router.upstream.dispatch import Dispatcher
 from router.upstream.health import HealthChecker
 from router.upstream.http1 import UpstreamClient
 from router.upstream.load_scrape import LoadScraper
 from router.upstream.outlier import OutlierDetector
-from router.upstream.proxy import Proxy
+from router.upstream.relay import Relay
 
 SUPERVISOR = web.AppKey("supervisor", Supervisor)
 
@@ -143,7 +144,8 @@ async def _upstream_client(app: web.Application) -> AsyncIterator[None]:
     client = UpstreamClient()
     # A worker that left keeps no idle connections open.
     state.registry.on_remove.append(lambda worker: client.forget(worker.url))
-    state.proxy = Proxy(client, state.config.timeouts, state.config.retries, outlier, state.metrics)
+    relay = Relay(client, state.config.timeouts, state.config.retries)
+    state.dispatcher = Dispatcher(relay, state.config.retries, outlier, state.metrics)
     yield
     client.close()
     await session.close()

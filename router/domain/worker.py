@@ -1,17 +1,15 @@
 """One upstream worker as the gateway sees it: identity, health, and load.
 
 Load has two sources. `in_flight` is the gateway's own count, incremented at dispatch and
-decremented on every ending through `track()`, so it cannot leak. `reported` is what the worker
-says about itself (scraped `/metrics`, or its agent through Redis). Policies read both and never
-await: everything they need is already here.
+decremented on every ending through `Dispatch.end()`, so it cannot leak. `reported` is what the
+worker says about itself (scraped `/metrics`, or its agent through Redis). Policies read both
+and never await: everything they need is already here.
 """
 
 from __future__ import annotations
 
 import enum
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 
@@ -87,32 +85,35 @@ class Worker:
         """KV capacity in blocks: configured value first, else what the worker reported."""
         return self.kv_capacity_blocks or self.reported.num_gpu_blocks
 
-    @contextmanager
-    def track(self, prefill_tokens: int = 0) -> Iterator[Dispatch]:
-        """Count one request in flight for exactly as long as the `with` block runs.
+    def begin(self, prefill_tokens: int = 0) -> Dispatch:
+        """Count one request in flight until `Dispatch.end()` (the relay's answer ends it on
+        every ending, cancellation included, so the count cannot leak).
 
         `prefill_tokens` (the request's estimated uncached prompt tokens) stays in the
         worker's prefill backlog until `Dispatch.first_byte()` or the end, whichever is first.
         """
-        dispatch = Dispatch(self, prefill_tokens)
         self.in_flight += 1
         self.dispatched_total += 1
         self.prefill_backlog_tokens += prefill_tokens
-        try:
-            yield dispatch
-        finally:
-            self.in_flight -= 1
-            dispatch.first_byte()
+        return Dispatch(self, prefill_tokens)
 
 
 class Dispatch:
-    """One request on one worker; releases its prefill backlog exactly once."""
+    """One request on one worker; releases its prefill backlog and its in-flight count exactly
+    once each."""
 
-    __slots__ = ("_pending", "worker")
+    __slots__ = ("_ended", "_pending", "worker")
 
     def __init__(self, worker: Worker, prefill_tokens: int) -> None:
         self.worker = worker
         self._pending = prefill_tokens
+        self._ended = False
+
+    def end(self) -> None:
+        if not self._ended:
+            self._ended = True
+            self.worker.in_flight -= 1
+            self.first_byte()
 
     def first_byte(self) -> None:
         if self._pending:

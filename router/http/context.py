@@ -26,7 +26,7 @@ from router.state.backend import StateBackend
 from router.state.fleet_sync import FleetSync
 from router.stats import Stats
 from router.upstream.call import CallResult
-from router.upstream.proxy import Proxy
+from router.upstream.dispatch import Dispatcher
 
 log = logging.getLogger("prefix_router")
 
@@ -43,7 +43,7 @@ class GatewayState:
     result_cache: ResultCache
     fleet: FleetSync
     session: aiohttp.ClientSession | None = None
-    proxy: Proxy = field(init=False)
+    dispatcher: Dispatcher = field(init=False)
     started_at: float = field(default_factory=time.monotonic)
     started_at_wall: float = field(default_factory=time.time)
     draining: bool = False

@@ -19,8 +19,9 @@ from aiohttp import web
 from router.errors import InvalidRequest
 from router.http.body import Kind
 from router.http.context import request_id_of, state_of
-from router.http.openai import allowed_pool, authenticated_body, forward_openai
+from router.http.openai import allowed_pool, authenticated_body
 from router.http.ops import BACKEND_TYPE
+from router.http.pipeline import forward_openai
 from router.upstream.sse import EVENT_END
 
 # Seed fields copied to the OpenAI body under the same name; vLLM takes top_k and

@@ -50,6 +50,8 @@ class CallResult:
     answer: str | None = None
     stream_broken: bool = False
     # perf_counter stamps and the worker's own wait, for the gateway-overhead metric.
+    started_at: float = 0.0
+    """When the dispatch began (admission waits excluded): TTFT counts from here."""
     sent_at: float = 0.0
     upstream_ttfb_s: float | None = None
     first_write_at: float = 0.0

@@ -1,0 +1,196 @@
+"""The request path after the handler checked the body: limit, admit, route, relay, record.
+
+Each stage is one module's job (DESIGN §3): the rate limiter charges the tenant, admission gives
+the request a slot in its pool (or a fallback pool with room), `outbound` builds the upstream
+call, the dispatcher picks a worker and gets an answer's first byte (retrying elsewhere before
+it), `respond` writes the answer to the client, and the ending is recorded (the policy's
+outcome, sticky session and index inserts shared with other replicas, usage reconciled).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+from aiohttp import web
+
+from router.admission import PRIORITY_RANK, PoolGate
+from router.auth import Tenant
+from router.domain.policy import Decision
+from router.domain.pool import Pool
+from router.errors import InvalidRequest, NoCapacity
+from router.http.body import Kind
+from router.http.context import ACCESS, TENANT, GatewayState
+from router.http.outbound import upstream_call
+from router.http.respond import body_response, stream_response
+from router.result_cache import (
+    Capture,
+    cache_digest,
+    entry_from_body,
+    is_deterministic,
+    respond_from_cache,
+)
+from router.routing.key import routing_key
+from router.upstream.call import CallResult, UpstreamCall
+
+DEFAULT_MAX_TOKENS = 16
+
+
+def priority_of(request: web.Request, tenant: Tenant) -> str:
+    """The tenant's class; `X-Priority` counts only for keys allowed to steer routing."""
+    if tenant.allow_routing_headers:
+        asked = request.headers.get("X-Priority", "").lower()
+        if asked in PRIORITY_RANK:
+            return asked
+    return tenant.priority
+
+
+def _choose_gate(state: GatewayState, pool: Pool) -> PoolGate:
+    """The pool itself, or its first fallback with room when it has none."""
+    gate = state.admission.gate(pool)
+    if pool.candidates() and not gate.saturated:
+        return gate
+    for name in pool.config.fallback_pools:
+        fallback = state.registry.pools.get(name)
+        if fallback is None:
+            continue
+        fallback_gate = state.admission.gate(fallback)
+        if fallback.candidates() and not fallback_gate.saturated:
+            return fallback_gate
+    if not pool.candidates():
+        raise NoCapacity(f"no healthy worker can serve model `{pool.name}` now", retry_after_s=1.0)
+    return gate  # saturated: wait in its queue
+
+
+async def forward_openai(
+    request: web.Request,
+    state: GatewayState,
+    body: dict[str, Any],
+    raw: bytes | None,
+    kind: Kind,
+    max_tokens: int | None,
+    *,
+    transform: Callable[[bytes], bytes] | None = None,
+) -> web.StreamResponse:
+    """Limit, admit, route and relay an already-checked OpenAI body (also used by the seed API,
+    whose `transform` rewrites each relayed block of stream events into its own shape)."""
+    tenant = request.get(TENANT) or state.auth.authenticate(request)
+    pool = state.registry.pool_for(body.get("model"))
+    requested_tokens = max_tokens or DEFAULT_MAX_TOKENS
+    key = routing_key(body, kind)
+    # Precise pools tokenize and hash the prompt as their workers will, once per request.
+    precise = pool.keyer.key(body, kind == "chat") if pool.keyer is not None else None
+    prompt_tokens = (
+        max(1, precise.prompt_tokens) if precise else pool.calibration.estimate_tokens(key)
+    )
+    if prompt_tokens > pool.config.max_prompt_tokens:
+        raise InvalidRequest(
+            f"the prompt is about {prompt_tokens} tokens, over this model's limit of "
+            f"{pool.config.max_prompt_tokens}",
+            param="messages" if kind == "chat" else "prompt",
+            code="context_length_exceeded",
+        )
+    gate = _choose_gate(state, pool)
+    pool = gate.pool
+    charge = await state.limiter.admit(
+        tenant, prompt_tokens + requested_tokens, state.config.timeouts.total_s
+    )
+    result = CallResult()
+    request[ACCESS] = result
+    overloaded = gate.saturated  # judged on arrival: the request's own slot does not count
+    try:
+        async with state.admission.slot(gate, priority_of(request, tenant)):
+            cap = pool.config.overload_max_tokens
+            if cap is not None and overloaded and requested_tokens > cap:
+                body["max_tokens"] = cap
+                body.pop("max_completion_tokens", None)
+                requested_tokens = cap
+                raw = None
+            call = upstream_call(
+                request, state, pool, body, raw, kind, key, prompt_tokens, requested_tokens
+            )
+            call.routing.block_hashes = precise.block_hashes if precise else None
+            call.extra_headers = charge.headers
+            call.transform = transform
+            session = call.routing.session_id
+            if session is not None:
+                call.routing.session_worker = await state.fleet.session_worker(pool.name, session)
+            call.on_decision = lambda decision: _share_decision(state, decision, session)
+            if not pool.config.result_cache.enabled or not is_deterministic(body):
+                return await relay(request, state, call, result)
+            return await _through_result_cache(
+                request, state, pool, kind, body, call, result, tenant.name
+            )
+    finally:
+        usage = result.usage
+        await charge.settle(usage.prompt_tokens + usage.completion_tokens if usage else None)
+
+
+def _share_decision(state: GatewayState, decision: Decision, session: str | None) -> None:
+    """Tell the other replicas where this request goes (sessions and index inserts)."""
+    worker = decision.worker
+    if session is not None:
+        state.fleet.remember_session(worker.pool, session, worker.id)
+    if decision.block_keys:
+        state.fleet.publish_insert(worker.pool, worker.id, decision.block_keys)
+
+
+async def _through_result_cache(
+    request: web.Request,
+    state: GatewayState,
+    pool: Pool,
+    kind: Kind,
+    body: dict[str, Any],
+    call: UpstreamCall,
+    result: CallResult,
+    tenant: str,
+) -> web.StreamResponse:
+    """Answer an exact repeat from the cache; otherwise relay and remember the answer."""
+    digest = cache_digest(pool.name, kind, body)
+    lookups = state.metrics.result_cache
+    entry = await state.result_cache.get(tenant, digest)
+    if entry is not None:
+        lookups.labels(pool.name, "hit").inc()
+        result.status = 200
+        return await respond_from_cache(
+            request,
+            kind,
+            pool.name,
+            entry,
+            call.stream,
+            call.client_wants_usage,
+            call.extra_headers or {},
+            call.transform,
+        )
+    lookups.labels(pool.name, "miss").inc()
+    capture = Capture()
+    if call.stream:
+        call.transform = capture.wrap(call.transform)
+    response = await relay(request, state, call, result)
+    if result.status == 200 and not result.stream_broken:
+        if call.stream:
+            new_entry = capture.entry_from_stream(kind)
+        else:
+            raw = response.body if isinstance(response, web.Response) else None
+            new_entry = entry_from_body(kind, raw) if isinstance(raw, bytes) else None
+        if new_entry is not None:
+            config = pool.config.result_cache
+            await state.result_cache.put(
+                tenant, digest, new_entry, config.ttl_s, config.max_entry_bytes
+            )
+    return response
+
+
+async def relay(
+    request: web.Request, state: GatewayState, call: UpstreamCall, result: CallResult
+) -> web.StreamResponse:
+    """Dispatch the call and write its answer; the total deadline covers both."""
+    deadline = asyncio.get_running_loop().time() + state.config.timeouts.total_s
+    answer = await state.dispatcher.dispatch(call, result, deadline)
+    try:
+        if not call.stream:
+            return body_response(answer)
+        return await stream_response(request, answer, state.dispatcher, state.metrics, deadline)
+    finally:
+        answer.close()

@@ -1,0 +1,95 @@
+"""The client's response: a relayed answer written as an aiohttp response.
+
+A non-streamed answer becomes one `web.Response`. A stream's status line goes out only now
+that the worker's first byte is in (everything before could still be retried); then the answer's
+blocks are written as they come. Past the status line no HTTP error can reach the client, so a
+stream that breaks, or outlives the request's total deadline, ends with one OpenAI error event
+and no `[DONE]` (DESIGN §10).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+
+from aiohttp import web
+
+from router.domain.policy import Decision
+from router.metrics import GatewayMetrics
+from router.upstream.call import UpstreamCall
+from router.upstream.dispatch import Dispatcher
+from router.upstream.relay import Answer, StreamBroken
+from router.upstream.sse import error_event
+
+_JSON = "application/json"
+
+
+def body_response(answer: Answer) -> web.Response:
+    response = web.Response(body=answer.body, status=200, content_type=_JSON)
+    decorate(response, answer.call, answer.decision)
+    return response
+
+
+async def stream_response(
+    request: web.Request,
+    answer: Answer,
+    dispatcher: Dispatcher,
+    metrics: GatewayMetrics,
+    deadline: float,
+) -> web.StreamResponse:
+    """Write a streamed answer until its end, a break, or `deadline` (loop time)."""
+    call, result = answer.call, answer.result
+    response = web.StreamResponse(status=200)
+    response.content_type = "text/event-stream"
+    response.headers["Cache-Control"] = "no-cache"
+    decorate(response, call, answer.decision)
+    await response.prepare(request)
+    gaps = metrics.inter_token.labels(call.pool.name)
+    last_write = 0.0
+    scope = asyncio.timeout_at(deadline)
+    try:
+        async with scope:
+            while (block := await answer.next_block()) is not None:
+                await response.write(block)
+                now = time.perf_counter()
+                if last_write:
+                    gaps.observe(now - last_write)
+                else:
+                    result.first_write_at = now
+                last_write = now
+    except StreamBroken as exc:
+        dispatcher.stream_broke(answer, exc.cause)
+        await _end_with_error(
+            response,
+            f"the worker serving this request failed mid-stream ({exc.cause})",
+            "upstream_stream_broken",
+        )
+        return response
+    except TimeoutError:
+        if not scope.expired():
+            raise
+        dispatcher.stream_overdue(answer)
+        await _end_with_error(response, "the request ran past its total deadline", "timeout")
+        return response
+    dispatcher.stream_ended(answer)
+    # A client that read [DONE] may hang up before the last chunk: nothing was lost.
+    with contextlib.suppress(ConnectionError):
+        await response.write_eof()
+    return response
+
+
+async def _end_with_error(response: web.StreamResponse, message: str, code: str) -> None:
+    with contextlib.suppress(ConnectionError):
+        await response.write(error_event(message, "upstream_error", code))
+        await response.write_eof()
+
+
+def decorate(response: web.StreamResponse, call: UpstreamCall, decision: Decision) -> None:
+    response.headers["X-Request-Id"] = call.request_id
+    if call.extra_headers:
+        response.headers.update(call.extra_headers)
+    if call.debug_headers:
+        response.headers["X-Route-Worker"] = decision.worker.id
+        response.headers["X-Route-Reason"] = decision.reason
+        response.headers["X-Route-Matched-Tokens"] = str(decision.matched_tokens)

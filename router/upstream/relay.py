@@ -1,0 +1,339 @@
+"""The relay: one attempt of one request on one chosen worker, up to an `Answer` to pass on.
+
+`Relay.attempt` sends the request and waits for the worker's first byte: the whole body of a
+non-streamed answer (vLLM sends its head only once the answer is complete), or the first body
+chunk of a stream. Anything that goes wrong until then raises `AttemptFailed`, which the
+dispatcher may retry elsewhere: nothing has reached the client yet. A stream's later blocks come
+from `Answer.next_block`, cut at event boundaries so an error event written after a break never
+lands inside a half-written one; a break raises `StreamBroken`. Nothing here knows the client's
+HTTP response: the HTTP layer writes what the answer yields.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Callable
+
+from router.config import RetryConfig, TimeoutsConfig
+from router.domain.policy import Decision
+from router.domain.worker import Dispatch, Worker
+from router.errors import GatewayError, UpstreamFailed, UpstreamTimeout
+from router.upstream.answer import AnswerBytes, answer_of
+from router.upstream.call import CallResult, UpstreamCall
+from router.upstream.http1 import Connection, Head, UpstreamClient, format_request
+from router.upstream.sse import DONE, EVENT_END, split_usage_event, usage_from
+
+log = logging.getLogger("prefix_router.relay")
+
+RETRYABLE_STATUSES = frozenset({502, 503, 504})
+_JSON = "application/json"
+
+
+class AttemptFailed(Exception):
+    """The attempt failed before any byte reached the client."""
+
+    def __init__(self, cause: str, error: GatewayError, retryable: bool = True) -> None:
+        super().__init__(cause)
+        self.cause = cause
+        self.error = error
+        self.retryable = retryable
+
+
+class StreamBroken(Exception):
+    """The worker's stream ended before its `[DONE]`: reset, idle too long, or cut short."""
+
+    def __init__(self, cause: str) -> None:
+        super().__init__(cause)
+        self.cause = cause
+
+
+async def _read_all(conn: Connection, deadline: float) -> bytes:
+    parts = []
+    while chunk := await conn.read(deadline):
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+def _loop_time() -> float:
+    return asyncio.get_running_loop().time()
+
+
+class Answer:
+    """One worker's answer, from its first byte on. Closing it (exactly once, on every ending)
+    ends the worker's in-flight count and returns or drops the connection."""
+
+    __slots__ = (
+        "_client",
+        "_conn",
+        "_dispatch",
+        "_idle_s",
+        "_on_close",
+        "_pending",
+        "_text",
+        "body",
+        "call",
+        "decision",
+        "result",
+        "saw_done",
+    )
+
+    def __init__(
+        self,
+        client: UpstreamClient,
+        call: UpstreamCall,
+        decision: Decision,
+        dispatch: Dispatch,
+        result: CallResult,
+        idle_s: float,
+        *,
+        conn: Connection | None = None,
+        first: bytes = b"",
+        body: bytes = b"",
+    ) -> None:
+        self._client = client
+        self.call = call
+        self.decision = decision
+        self._dispatch = dispatch
+        self.result = result
+        self._idle_s = idle_s
+        self._conn = conn
+        self._pending = first
+        """Stream bytes received and not yet passed on (a partial event, or the first chunk)."""
+        self._text = AnswerBytes() if call.collect_answer and conn is not None else None
+        self.body = body
+        """A non-streamed answer's complete body."""
+        self.saw_done = False
+        self._on_close: Callable[[], None] | None = None
+
+    @property
+    def worker(self) -> Worker:
+        return self.decision.worker
+
+    def on_close(self, callback: Callable[[], None]) -> None:
+        self._on_close = callback
+
+    async def next_block(self) -> bytes | None:
+        """The next complete events for the client (never empty), or None after `[DONE]` and
+        the end of the body. Usage is read (and dropped unless the client asked for it) and
+        the call's transform applied on the way."""
+        conn = self._conn
+        assert conn is not None, "next_block is for streamed answers"
+        call = self.call
+        while True:
+            data = self._pending
+            if data:
+                if data.endswith(EVENT_END):
+                    self._pending = b""
+                else:
+                    cut = data.rfind(EVENT_END)
+                    if cut >= 0:
+                        data, self._pending = data[: cut + 2], data[cut + 2 :]
+                    else:
+                        data = b""
+                if data:
+                    if b'"usage"' in data:
+                        data, usage, done = split_usage_event(data, not call.client_wants_usage)
+                        self.result.usage = usage or self.result.usage
+                        self.saw_done = self.saw_done or done
+                    elif data.endswith(DONE):
+                        self.saw_done = True
+                    if call.transform is not None:
+                        data = call.transform(data)
+                    if self._text is not None:
+                        self._text.add(data)
+                    if data:
+                        return data
+            try:
+                chunk = await conn.read(_loop_time() + self._idle_s)
+            except TimeoutError:
+                raise StreamBroken("idle_timeout") from None
+            except ConnectionError:
+                raise StreamBroken("stream_broken") from None
+            if not chunk:
+                if not self.saw_done:
+                    raise StreamBroken("no_done")
+                if self._text is not None:
+                    self.result.answer = self._text.text()
+                return None
+            self._pending = self._pending + chunk if self._pending else chunk
+
+    def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            self._client.release(self.worker.url, conn)
+        self._dispatch.end()
+        callback, self._on_close = self._on_close, None
+        if callback is not None:
+            callback()
+
+
+class Relay:
+    def __init__(self, client: UpstreamClient, timeouts: TimeoutsConfig, retries: RetryConfig):
+        self._client = client
+        self._timeouts = timeouts
+        self._retries = retries
+
+    def reconfigure(self, timeouts: TimeoutsConfig, retries: RetryConfig) -> None:
+        self._timeouts = timeouts
+        self._retries = retries
+
+    async def attempt(self, call: UpstreamCall, decision: Decision, result: CallResult) -> Answer:
+        """Send the call to the decision's worker and wait for its first byte."""
+        worker = decision.worker
+        uncached = max(0, call.routing.prompt_tokens - decision.matched_tokens)
+        dispatch = worker.begin(uncached)
+        try:
+            result.sent_at = time.perf_counter()
+            timeouts = self._timeouts
+            # A non-streamed answer's head comes only once it is complete: its deadline is the
+            # generation's, not the first byte's.
+            wait_s = timeouts.first_byte_s if call.stream else timeouts.non_streamed_s
+            deadline = _loop_time() + wait_s
+            conn, head = await self._open(worker, call, deadline)
+            try:
+                if head.status != 200:
+                    await self._upstream_error(conn, head, worker, result)
+                if call.stream:
+                    first = await self._first_chunk(conn, deadline)
+                    dispatch.first_byte()
+                    self._stamp(result)
+                    return Answer(
+                        self._client, call, decision, dispatch, result, timeouts.idle_s,
+                        conn=conn, first=first,
+                    )  # fmt: skip
+                body = await self._whole_body(conn, worker, call, deadline)
+            except BaseException:
+                self._client.release(worker.url, conn)  # closed unless read to the end
+                raise
+            self._client.release(worker.url, conn)
+            self._stamp(result)
+            try:
+                payload = json.loads(body)
+            except ValueError:
+                payload = None
+            result.usage = usage_from(payload)
+            if call.collect_answer:
+                result.answer = answer_of(payload)
+            return Answer(
+                self._client, call, decision, dispatch, result, timeouts.idle_s, body=body
+            )
+        except BaseException:
+            dispatch.end()
+            raise
+
+    @staticmethod
+    def _stamp(result: CallResult) -> None:
+        now = time.perf_counter()
+        result.status = 200
+        result.ttft_s = now - result.started_at
+        result.upstream_ttfb_s = now - result.sent_at
+
+    async def _open(
+        self, worker: Worker, call: UpstreamCall, deadline: float
+    ) -> tuple[Connection, Head]:
+        """Send the request and read the answer's status line and headers.
+
+        A kept-alive connection the worker closed while it sat idle fails before any byte of
+        an answer; the worker never saw the request, so it goes out once more on a new
+        connection instead of counting as the worker's failure."""
+        for fresh in (False, True):
+            conn = await self._send(worker, call, fresh)
+            try:
+                return conn, await conn.read_head(deadline)
+            except TimeoutError:
+                self._client.release(worker.url, conn)
+                raise self._accepted_timeout(worker, call) from None
+            except ConnectionError as exc:
+                self._client.release(worker.url, conn)
+                if fresh or not conn.went_stale:
+                    raise AttemptFailed(
+                        "reset", UpstreamFailed(f"worker {worker.id} failed: {exc}")
+                    ) from None
+            except BaseException:
+                self._client.release(worker.url, conn)  # cancelled: the worker must see it
+                raise
+        raise AssertionError("unreachable: the fresh attempt returns or raises")
+
+    def _accepted_timeout(self, worker: Worker, call: UpstreamCall) -> AttemptFailed:
+        """The worker took the request and may still be generating: another worker gets it
+        only when the config asks, so one slow answer does not cost several GPUs."""
+        cause = "first_byte_timeout" if call.stream else "generation_timeout"
+        return AttemptFailed(
+            cause,
+            UpstreamTimeout(f"worker {worker.id} did not answer in time"),
+            retryable=self._retries.retry_on_first_byte_timeout,
+        )
+
+    async def _send(self, worker: Worker, call: UpstreamCall, fresh: bool = False) -> Connection:
+        """Connect (or reuse a kept-alive connection) and send the request in one write."""
+        headers = {"Content-Type": _JSON, "X-Request-Id": call.request_id}
+        # Built before connecting: a request that cannot be written must not hold a connection.
+        request = format_request(call.path, worker.url.split("://", 1)[1], call.body, headers)
+        try:
+            conn = await self._client.connect(worker.url, self._timeouts.connect_s, fresh)
+        except TimeoutError:
+            raise AttemptFailed(
+                "connect_timeout", UpstreamFailed(f"worker {worker.id} did not accept in time")
+            ) from None
+        except OSError as exc:
+            raise AttemptFailed(
+                "connect", UpstreamFailed(f"worker {worker.id} unreachable: {exc}")
+            ) from None
+        conn.send(request)
+        return conn
+
+    async def _first_chunk(self, conn: Connection, deadline: float) -> bytes:
+        try:
+            first = await conn.read(deadline)
+        except TimeoutError:
+            raise AttemptFailed(
+                "first_byte_timeout",
+                UpstreamTimeout("worker sent no first token in time"),
+                retryable=self._retries.retry_on_first_byte_timeout,
+            ) from None
+        except ConnectionError as exc:
+            raise AttemptFailed(
+                "reset", UpstreamFailed(f"worker broke the stream: {exc}")
+            ) from None
+        if not first:
+            raise AttemptFailed("reset", UpstreamFailed("worker closed the stream without data"))
+        return first
+
+    async def _whole_body(
+        self, conn: Connection, worker: Worker, call: UpstreamCall, deadline: float
+    ) -> bytes:
+        try:
+            return await _read_all(conn, deadline)
+        except TimeoutError:
+            raise self._accepted_timeout(worker, call) from None
+        except ConnectionError as exc:
+            raise AttemptFailed(
+                "read", UpstreamFailed(f"worker broke the response: {exc}")
+            ) from None
+
+    async def _upstream_error(
+        self, conn: Connection, head: Head, worker: Worker, result: CallResult
+    ) -> None:
+        """Raise what a non-200 answer means: retryable (5xx, 429 when configured), else the
+        client's own error passed on, reshaped."""
+        status = head.status
+        try:
+            raw = await _read_all(conn, _loop_time() + self._timeouts.idle_s)
+            message = str(json.loads(raw)["error"]["message"])
+        except (ValueError, KeyError, TypeError, ConnectionError, TimeoutError):
+            message = f"worker answered HTTP {status}"
+        if status >= 500 or (status == 429 and self._retries.retry_on_429):
+            cause = f"http_{status}" if status in RETRYABLE_STATUSES else f"http_{status // 100}xx"
+            raise AttemptFailed(cause, UpstreamFailed(f"worker {worker.id} failed: {message}"))
+        # A 4xx is the client's problem (context too long, bad field): pass it on, reshaped.
+        error = GatewayError(message, code=None)
+        error.status = status
+        error.error_type = "invalid_request_error"
+        if status == 429:
+            error.error_type = "rate_limit_error"
+            error.retry_after_s = 1.0
+        result.status = status
+        raise error
