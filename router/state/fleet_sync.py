@@ -16,14 +16,15 @@ import contextlib
 import logging
 import uuid
 from collections.abc import Callable
-from typing import Any, Protocol
 
 from redis.exceptions import RedisError
 
+from router.domain.policy import SharesInserts
 from router.logs import LogOnce
 from router.state.backend import StateBackend
 from router.state.keys import IDX_STREAM_MAXLEN, SESSION_TTL_S, Keys
 from router.state.redis_state import RedisState, stop_if_cancelled
+from router.state.stream_reader import StreamReader
 
 log = logging.getLogger("prefix_router.fleet_sync")
 
@@ -32,18 +33,12 @@ _POLL_S = 0.05
 _MAX_PENDING = 10_000
 
 
-class InsertTarget(Protocol):
-    """Where another replica's routing decision lands (the pool's policy: its index and load)."""
-
-    def apply_remote_insert(self, worker_id: str, block_keys: list[int]) -> None: ...
-
-
 class FleetSync:
     def __init__(
         self,
         backend: StateBackend,
         keys: Keys,
-        index_of: Callable[[str, str], InsertTarget | None],
+        index_of: Callable[[str, str], SharesInserts | None],
         session_ttl_s: float = SESSION_TTL_S,
     ) -> None:
         self.replica = uuid.uuid4().hex[:12]
@@ -112,36 +107,34 @@ class FleetSync:
 
     async def run_follower(self, pools: Callable[[], list[str]]) -> None:
         """Apply other replicas' inserts to the local index."""
-        last: dict[str, str] = {}
+        reader = StreamReader()
+        prefix_len = len(self._keys.index_stream(""))
         while True:
             client = self._backend.client if isinstance(self._backend, RedisState) else None
             if client is None:
-                last.clear()  # after an outage, follow from the tail again
+                reader.clear()  # after an outage, follow from the tail again
                 await asyncio.sleep(0.5)
                 continue
             try:
-                for pool in pools():
-                    if pool not in last:
-                        # Start after the newest entry: older ones predate this replica's view.
-                        newest: Any = await client.xrevrange(self._keys.index_stream(pool), count=1)
-                        last[pool] = _entry_id(newest[0][0]) if newest else "0-0"
-                streams = {self._keys.index_stream(p): last[p] for p in pools()}
-                # Non-blocking reads, polled: a blocking XREAD outlives the client's short
-                # socket timeout, and redis-py may swallow a cancellation that lands inside it.
-                replies: Any = await client.xread(streams, count=1000)  # type: ignore[arg-type]
+                wanted = {self._keys.index_stream(pool) for pool in pools()}
+                for stream in [s for s in reader.positions if s not in wanted]:
+                    reader.forget(stream)
+                for stream in wanted:
+                    if stream not in reader:
+                        # From the tail: older entries predate this replica's view.
+                        await reader.join_at_tail(client, stream)
+                batches = await reader.read(client)
             except (RedisError, OSError, TimeoutError) as exc:
                 stop_if_cancelled()
                 log.debug("index follower paused: %s", exc)
                 await asyncio.sleep(0.5)
                 continue
             stop_if_cancelled()
-            if not replies:
+            if not batches:
                 await asyncio.sleep(_POLL_S)
-            for stream, entries in replies or []:
-                name = stream.decode() if isinstance(stream, bytes) else str(stream)
-                pool = name[len(self._keys.index_stream("")) :]
-                for entry_id, fields in entries:
-                    last[pool] = _entry_id(entry_id)
+            for stream, entries in batches:
+                pool = stream[prefix_len:]
+                for _entry_id, fields in entries:
                     self._apply(pool, fields)
 
     def _apply(self, pool: str, fields: dict[bytes, bytes]) -> None:
@@ -164,7 +157,3 @@ class FleetSync:
         index = self._index_of(pool, worker_id)
         if index is not None:
             index.apply_remote_insert(worker_id, block_keys)
-
-
-def _entry_id(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value

@@ -3,18 +3,17 @@
 Agents mirror each worker's block set into Redis (`state.keys`: the `{p}kv:{model}` stream and
 the `{p}kvsnap:{id}` sets). For every pool in precise mode the follower builds its view the way
 keys.py prescribes: read the stream's last id first, then every registered worker's snapshot,
-then XREAD the stream from that id and apply each entry (stored, removed, cleared) to the pool's
-`PreciseIndex`. Entries name the agent's worker id; the gateway's worker is the discovered
-worker of that id, or the YAML worker the agent was matched to by URL (`Worker.agent_id`). A
-worker that joins the pool later (discovered, or its agent found) gets its snapshot loaded then,
-so entries skipped while nobody could map them are not lost. The follower rebuilds a pool's view
-when the pool's index is replaced (config reload), when it fell behind the stream's trimming,
-and after Redis failed: while Redis is down the index keeps the last view (and the gateway
-keeps routing on it), and when Redis answers again every view is rebuilt from the snapshots.
-A malformed entry is skipped (logged once per cause), never the end of the follower.
-It has its own connection, with timeouts long enough for a large snapshot (the request path's are
-short), and polls the stream rather than blocking in XREAD: a cancelled blocking read inside
-redis-py can swallow the cancellation, and a stop must always stop.
+then read the stream from that id (`stream_reader`) and apply each entry (stored, removed,
+cleared) to the pool's `PreciseIndex`. Entries name the agent's worker id; the gateway's worker
+is the discovered worker of that id, or the YAML worker the agent was matched to by URL
+(`Worker.agent_id`). A worker that joins the pool later (discovered, or its agent found) gets
+its snapshot loaded then, so entries skipped while nobody could map them are not lost. The
+follower rebuilds a pool's view when the pool's index is replaced (config reload), when it fell
+behind the stream's trimming, and after Redis failed: while Redis is down the index keeps the
+last view (and the gateway keeps routing on it), and when Redis answers again every view is
+rebuilt from the snapshots. A malformed entry is skipped (logged once per cause), never the end
+of the follower. It has its own connection, with timeouts long enough for a large snapshot (the
+request path's are short).
 """
 
 from __future__ import annotations
@@ -42,6 +41,7 @@ from router.routing.precise_index import (
 )
 from router.state.keys import Keys
 from router.state.redis_state import stop_if_cancelled
+from router.state.stream_reader import StreamReader
 
 log = logging.getLogger("prefix_router.kv_follower")
 
@@ -54,18 +54,12 @@ _OPS = (STORED, REMOVED, CLEARED)
 @dataclass
 class _View:
     index: PreciseIndex
-    last_id: str
     workers: set[str] = field(default_factory=set)
     """Gateway worker ids whose snapshot this view has loaded (or that were present at resync)."""
 
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
-
-
-def _id_key(entry_id: str) -> tuple[int, int]:
-    ms, _, seq = entry_id.partition("-")
-    return int(ms), int(seq or 0)
 
 
 def _ints(raw: Sequence[Any] | bytes | str) -> list[int]:
@@ -88,6 +82,7 @@ class KVFollower:
         self._keys = keys
         self._timeout_s = timeout_s
         self._views: dict[str, _View] = {}
+        self._reader = StreamReader(_COUNT)
         self._bad_entries = LogOnce(log)
 
     async def run(self) -> None:
@@ -108,6 +103,7 @@ class KVFollower:
                         log.warning("KV events unavailable (%s): routing on the last view", exc)
                         down = True
                     self._views.clear()  # rebuild from snapshots once Redis answers
+                    self._reader.clear()
                     await asyncio.sleep(_RETRY_S)  # the retry cadence during an outage
                     continue
                 stop_if_cancelled()
@@ -146,6 +142,7 @@ class KVFollower:
         pools = self._precise_pools()
         for name in [n for n in self._views if n not in pools]:
             del self._views[name]
+            self._reader.forget(self._keys.kv_stream(name))
         if not pools:
             return False  # nothing to follow (until a reload adds a precise pool)
         for name, (pool, index) in pools.items():
@@ -154,17 +151,15 @@ class KVFollower:
                 await self._resync(client, name, pool, index)
             else:
                 await self._load_new_workers(client, pool, view)
-        streams: Any = {self._keys.kv_stream(n): v.last_id for n, v in self._views.items()}
-        replies: Any = await client.xread(streams, count=_COUNT)
+        batches = await self._reader.read(client)
         prefix_len = len(self._keys.kv_stream(""))
-        for stream, entries in replies or []:
-            name = _text(stream)[prefix_len:]
+        for stream, entries in batches:
+            name = stream[prefix_len:]
             view = self._views.get(name)
             if view is None or name not in pools:
                 continue
             mapping = self._mapping(pools[name][0])
-            for entry_id, fields in entries:
-                view.last_id = _text(entry_id)
+            for _entry_id, fields in entries:
                 try:
                     self._apply(view.index, mapping, fields)
                 except (UnicodeDecodeError, AttributeError, TypeError) as exc:
@@ -172,10 +167,10 @@ class KVFollower:
                     self._bad_entries.warning(
                         name, type(exc).__name__, "KV event in %s skipped: malformed entry", name
                     )
-            if len(entries) >= _COUNT and await self._trimmed_past(client, name, view):
+            if len(entries) >= _COUNT and await self._reader.trimmed_past(client, stream):
                 log.warning("KV follower of %s fell behind the stream's trimming", name)
                 await self._resync(client, name, *pools[name])
-        return bool(replies)
+        return bool(batches)
 
     def _apply(self, index: PreciseIndex, mapping: dict[str, str], fields: Any) -> None:
         agent = fields.get(b"worker")
@@ -185,24 +180,20 @@ class KVFollower:
             return  # an agent of no current worker: its snapshot is loaded when it joins
         index.apply(worker_id, op, _ints(fields.get(b"hashes", b"")))
 
-    async def _trimmed_past(self, client: aioredis.Redis, name: str, view: _View) -> bool:
-        first: Any = await client.xrange(self._keys.kv_stream(name), count=1)
-        return bool(first) and _id_key(_text(first[0][0])) > _id_key(view.last_id)
-
     async def _resync(
         self, client: aioredis.Redis, name: str, pool: Pool, index: PreciseIndex
     ) -> None:
         stream = self._keys.kv_stream(name)
         # The stream's position first, then the snapshots: entries after it that a snapshot
         # already reflects are set operations, so replaying them changes nothing.
-        newest: Any = await client.xrevrange(stream, count=1)
-        last_id = _text(newest[0][0]) if newest else "0-0"
+        last_id = await self._reader.tail_id(client, stream)
         mapping = self._mapping(pool)
         snapshots = await self._snapshots(client, list(mapping))
         index.reset_confirmed()
         for agent, hashes in snapshots.items():
             index.load_snapshot(mapping[agent], hashes)
-        self._views[name] = _View(index, last_id, set(mapping.values()))
+        self._views[name] = _View(index, set(mapping.values()))
+        self._reader.positions[stream] = last_id
 
     async def _load_new_workers(self, client: aioredis.Redis, pool: Pool, view: _View) -> None:
         mapping = self._mapping(pool)

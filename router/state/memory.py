@@ -5,35 +5,8 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 
+from router.expiring import ExpiringLRU
 from router.state.backend import BucketResult
-
-
-class _Expiring:
-    """A bounded LRU map whose entries also expire."""
-
-    def __init__(self, max_entries: int) -> None:
-        self._items: OrderedDict[str, tuple[float, object]] = OrderedDict()
-        self._max = max_entries
-
-    def get(self, key: str, now: float) -> object | None:
-        item = self._items.get(key)
-        if item is None:
-            return None
-        expires, value = item
-        if expires <= now:
-            del self._items[key]
-            return None
-        self._items.move_to_end(key)
-        return value
-
-    def put(self, key: str, value: object, expires: float) -> None:
-        self._items[key] = (expires, value)
-        self._items.move_to_end(key)
-        while len(self._items) > self._max:
-            self._items.popitem(last=False)
-
-    def pop(self, key: str) -> None:
-        self._items.pop(key, None)
 
 
 class MemoryState:
@@ -45,8 +18,8 @@ class MemoryState:
     ) -> None:
         self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
         self._slots: dict[str, dict[str, float]] = {}
-        self._sessions = _Expiring(max_entries)
-        self._cache = _Expiring(max_cache_entries)
+        self._sessions: ExpiringLRU[str] = ExpiringLRU(max_entries)
+        self._cache: ExpiringLRU[bytes] = ExpiringLRU(max_cache_entries)
         self._max_entry_bytes = max_entry_bytes
         self._max_entries = max_entries
 
@@ -106,17 +79,15 @@ class MemoryState:
                 del self._slots[key]
 
     async def get_session(self, key: str) -> str | None:
-        value = self._sessions.get(key, time.monotonic())
-        return value if isinstance(value, str) else None
+        return self._sessions.get(key)
 
     async def set_session(self, key: str, worker_id: str, ttl_s: float) -> None:
-        self._sessions.put(key, worker_id, time.monotonic() + ttl_s)
+        self._sessions.put(key, worker_id, ttl_s)
 
     async def cache_get(self, key: str) -> bytes | None:
-        value = self._cache.get(key, time.monotonic())
-        return value if isinstance(value, bytes) else None
+        return self._cache.get(key)
 
     async def cache_set(self, key: str, value: bytes, ttl_s: float) -> None:
         if len(value) > self._max_entry_bytes:
             return  # entries x this bound the cache's memory
-        self._cache.put(key, value, time.monotonic() + ttl_s)
+        self._cache.put(key, value, ttl_s)
