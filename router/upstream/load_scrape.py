@@ -1,9 +1,10 @@
 """Scrape each worker's vLLM `/metrics` on an interval into `Worker.reported`.
 
 Reads only the few series routing needs (running, waiting, KV usage, and the block size and
-KV capacity from `vllm:cache_config_info`). Parsing is a line scan, not a full Prometheus
-parser: it runs for every worker every interval and must stay cheap. A sample that is not a
-finite, non-negative number (NaN, Inf, garbage) is skipped, and an answer without a single load
+KV capacity from `vllm:cache_config_info`), parsed by prometheus_client's text parser; the
+page's other lines (histograms, mostly) are skipped by name before parsing, since this runs for
+every worker every interval. A sample that is not a finite, non-negative number (NaN, Inf,
+garbage) is skipped, and an answer without a single load
 series keeps the worker's last report: one worker's bad `/metrics` is logged once per cause and
 never stops the scraping of the others.
 """
@@ -13,11 +14,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
 
 from router.config import LoadScrapeConfig
 from router.domain.registry import Registry
@@ -40,17 +42,33 @@ _COUNTERS = {
     "vllm:prefix_cache_queries_total": "prefix_queries",
     "vllm:gpu_prefix_cache_queries_total": "prefix_queries",
 }
-_LABEL = re.compile(r'(\w+)="([^"]*)"')
+_INFO = "vllm:cache_config_info"
+_WANTED = frozenset((*_GAUGES, *_COUNTERS, _INFO))
 
 
-def _sample(value_text: str) -> float | None:
-    """The sample value of an exposition line, if it is a finite, non-negative number: a NaN
-    would poison every score it enters, and `int()` of one raises."""
-    try:
-        value = float(value_text.split()[0])
-    except (ValueError, IndexError):
-        return None
-    return value if math.isfinite(value) and value >= 0 else None
+def _samples(text: str, rejected: set[str] | None) -> Iterator[Sample]:
+    """The samples of the series routing reads, parsed by prometheus_client's text parser.
+
+    vLLM's page is mostly histograms routing never reads; only the wanted series' lines reach
+    the parser, one line at a time, so one malformed line costs that series alone (its name
+    goes to `rejected`) and never the rest of the page."""
+    for line in text.splitlines():
+        if not line.startswith("vllm:"):
+            continue
+        name = line.partition("{")[0].partition(" ")[0]
+        if name not in _WANTED:
+            continue
+        try:
+            for family in text_string_to_metric_families(line + "\n"):
+                yield from family.samples
+        except (ValueError, IndexError, KeyError):
+            if rejected is not None:
+                rejected.add(name)
+
+
+def _finite(value: float) -> bool:
+    """A NaN would poison every score it enters, and `int()` of one raises."""
+    return math.isfinite(value) and value >= 0
 
 
 def _count(text: str) -> int | None:
@@ -61,45 +79,38 @@ def _count(text: str) -> int | None:
 def parse_vllm_metrics(text: str, rejected: set[str] | None = None) -> ReportedLoad:
     """Sum the load gauges over engines; take block size and capacity from cache_config_info.
 
-    The names of series whose sample was skipped go to `rejected`, and "no load series" when
-    the text had none of running, waiting and KV usage (`rejected` is then non-empty)."""
+    The names of series whose sample was skipped (malformed, NaN, Inf, negative) go to
+    `rejected`, and "no load series" when the text had none of running, waiting and KV usage
+    (`rejected` is then non-empty)."""
     load = ReportedLoad(updated_at=time.monotonic())
     seen_load = False
     running = waiting = 0.0
     counters = {"prefix_hits": 0.0, "prefix_queries": 0.0}
     usage: list[float] = []
-    for line in text.splitlines():
-        if not line.startswith("vllm:"):
+    for sample in _samples(text, rejected):
+        name = sample.name
+        if name == _INFO:
+            labels = sample.labels
+            load.block_size = _count(labels.get("block_size", "")) or load.block_size
+            load.num_gpu_blocks = _count(labels.get("num_gpu_blocks", "")) or load.num_gpu_blocks
             continue
-        name, _, rest = line.partition("{")
-        if not rest:
-            name, _, value_text = line.partition(" ")
-            labels = ""
-        else:
-            labels, _, value_text = rest.rpartition("}")
-        name = name.strip()
-        counter = _COUNTERS.get(name)
-        field = _GAUGES.get(name)
-        if counter is None and field is None:
-            if name == "vllm:cache_config_info":
-                found = dict(_LABEL.findall(labels))
-                load.block_size = _count(found.get("block_size", "")) or load.block_size
-                load.num_gpu_blocks = _count(found.get("num_gpu_blocks", "")) or load.num_gpu_blocks
-            continue
-        value = _sample(value_text)
-        if value is None:
+        value = sample.value
+        if not _finite(value):
             if rejected is not None:
                 rejected.add(name)
-        elif counter is not None:
+            continue
+        counter = _COUNTERS.get(name)
+        if counter is not None:
             counters[counter] += value
+            continue
+        seen_load = True
+        field = _GAUGES[name]
+        if field == "running":
+            running += value
+        elif field == "waiting":
+            waiting += value
         else:
-            seen_load = True
-            if field == "running":
-                running += value
-            elif field == "waiting":
-                waiting += value
-            else:
-                usage.append(value)
+            usage.append(value)
     load.running = int(running)
     load.waiting = int(waiting)
     load.kv_usage = max(usage) if usage else 0.0

@@ -54,3 +54,21 @@ def test_parse_vllm_metrics() -> None:
     load = parse_vllm_metrics(text)
     assert (load.running, load.waiting, load.kv_usage) == (5, 4, 0.25)
     assert (load.block_size, load.num_gpu_blocks) == (16, 2048)
+
+
+def test_parse_vllm_metrics_reads_label_values_as_the_exposition_format_escapes_them() -> None:
+    # A label value may hold escaped quotes and commas (a model path, an adapter name); a
+    # hand-written `key="value"` scan loses the labels after it.
+    text = "\n".join(
+        [
+            'vllm:cache_config_info{model_name="a\\",b=\\"c",block_size="32",'
+            'num_gpu_blocks="4096"} 1.0',
+            'vllm:num_requests_running{model_name="x{y} z"} 7 1700000000000',
+            'vllm:num_requests_waiting{model_name="m"} not-a-number',
+        ]
+    )
+    rejected: set[str] = set()
+    load = parse_vllm_metrics(text, rejected)
+    assert (load.block_size, load.num_gpu_blocks) == (32, 4096)
+    assert load.running == 7
+    assert rejected == {"vllm:num_requests_waiting"}
