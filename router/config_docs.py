@@ -43,7 +43,7 @@ _CONSTRAINTS = (
 _INTRO = f"""\
 # Configuration reference
 
-<!-- Generated from router/config.py by `{REGENERATE}`. Do not edit by hand. -->
+<!-- Generated from router/config/ by `{REGENERATE}`. Do not edit by hand. -->
 
 The gateway reads one routing YAML (`prefix-router serve --config FILE`). Every mapping in it
 forbids unknown fields, so a misspelt key is an error rather than a silent default.

@@ -24,7 +24,7 @@ def _row(markdown: str, path: str) -> list[str]:
 def test_committed_reference_is_current() -> None:
     committed = DOCS.read_text() if DOCS.exists() else ""
     assert committed == render_markdown(), (
-        f"docs/configuration.md is out of date with router/config.py; regenerate it: {REGENERATE}"
+        f"docs/configuration.md is out of date with router/config/; regenerate it: {REGENERATE}"
     )
 
 

@@ -1,22 +1,13 @@
-"""Every pydantic model of the routing YAML, and how to load and validate it.
-
-Components receive their typed sub-config; nothing outside this module parses configuration.
-All models forbid unknown fields so a typo in the YAML is an error, not a silent default.
-It is over the ~400-line house rule on purpose: rule 2 (all config in one module) wins, so that
-the YAML's whole schema, and the generated `docs/configuration.md`, have one source.
-"""
+"""The gateway's own settings and its pools: everything in the routing YAML but routing."""
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+from router.config.base import Strict
+from router.config.routing import HybridPolicy, IndexConfig, PolicyConfig, PreciseConfig
 
 
 class ListenConfig(Strict):
@@ -98,142 +89,6 @@ class LoadScrapeConfig(Strict):
 class RequestLimitsConfig(Strict):
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
     max_json_depth: int = Field(32, ge=2)
-
-
-class RoundRobinPolicy(Strict):
-    name: Literal["round_robin"] = "round_robin"
-
-
-class LeastLoadPolicy(Strict):
-    name: Literal["least_load"] = "least_load"
-
-
-class ConsistentHashPolicy(Strict):
-    """Session key -> worker on a hash ring, spilling over when a worker is over its bound."""
-
-    name: Literal["consistent_hash"] = "consistent_hash"
-    virtual_nodes: int = Field(160, ge=1)
-    load_factor: float = Field(1.25, ge=1.0, description="bound = ceil(mean in-flight x factor)")
-
-
-class PrefixPolicy(Strict):
-    """SGLang-style baseline: cache threshold plus absolute/relative imbalance gate."""
-
-    name: Literal["prefix"] = "prefix"
-    cache_threshold: float = Field(0.5, ge=0.0, le=1.0)
-    balance_abs_threshold: int = Field(32, ge=0)
-    balance_rel_threshold: float = Field(1.1, ge=1.0)
-
-
-class HybridPolicy(Strict):
-    """Rank workers by estimated time to first token; sticky sessions within a margin."""
-
-    name: Literal["hybrid"] = "hybrid"
-    prefill_tokens_per_s: float = Field(
-        20000.0, gt=0, description="prefill rate used when a worker reports none"
-    )
-    decode_s_per_running: float = Field(
-        0.002, ge=0, description="TTFT added per sequence already decoding on the worker"
-    )
-    balance_s_per_request: float = Field(
-        0.02,
-        ge=0,
-        description="cost charged per request the gateway has in flight on the worker: the price"
-        " of concentration that a TTFT estimate does not see (a session's later turns follow"
-        " its first, and every running sequence slows the worker's steps until it ends)",
-    )
-    queue_s_per_waiting: float = Field(
-        0.05, ge=0, description="TTFT added per request waiting in the worker's own queue"
-    )
-    placement_s_per_recent_request: float = Field(
-        0.01,
-        ge=0,
-        description="for placements (a session's first turn, a request without a session): "
-        "cost per request a worker was given lately (decayed over recent_window_s) beyond "
-        "placement_tolerance above the candidates' mean; 0 turns it off",
-    )
-    placement_tolerance: float = Field(
-        0.1,
-        ge=0,
-        description="share above the mean recent load that placements ignore: below it, "
-        "cache affinity alone decides",
-    )
-    recent_window_s: float = Field(
-        10.0, gt=0, description="time constant of the recent-requests count used for placement"
-    )
-    session_margin_s: float = Field(
-        0.05, ge=0, description="a session stays on its worker while within this of the best"
-    )
-    affinity_margin_s: float = Field(
-        0.1,
-        ge=0,
-        description="for requests without a session: among workers within this of the best "
-        "estimate, the one holding the most of the prompt wins (a copy of a prefix elsewhere "
-        "costs cache space the estimate omits)",
-    )
-    session_max_entries: int = Field(
-        100_000, ge=1, description="sessions remembered in memory; least recently used go first"
-    )
-    session_ttl_s: float = Field(
-        3600.0, gt=0, description="a session idle this long forgets its worker"
-    )
-
-
-PolicyConfig = Annotated[
-    RoundRobinPolicy | LeastLoadPolicy | ConsistentHashPolicy | PrefixPolicy | HybridPolicy,
-    Field(discriminator="name"),
-]
-POLICY_NAMES = ("round_robin", "least_load", "consistent_hash", "prefix", "hybrid")
-
-
-class IndexConfig(Strict):
-    """The approximate prefix index: text chunks standing in for KV blocks."""
-
-    block_chars: int = Field(64, ge=4, description="characters per block key (~16 tokens)")
-    default_capacity_blocks: int = Field(
-        50_000, ge=1, description="per-worker budget when the worker reports no KV capacity"
-    )
-    max_blocks_total: int = Field(2_000_000, ge=1, description="hard bound over all workers")
-    dense_blocks: int = Field(
-        16,
-        ge=1,
-        description="blocks keyed one by one at the start of a prompt; past twice this, keys"
-        " thin out geometrically (spacing ~ position / dense_blocks) to bound routing time",
-    )
-    backend: Literal["flat", "pygtrie"] = Field(
-        "flat", description="index structure: flat dict of chained keys (fast) or pygtrie"
-    )
-
-
-class PreciseConfig(Strict):
-    """Precise prefix mode: the gateway tokenizes the prompt as the workers do, computes vLLM's
-    block hashes, and matches them against the blocks workers reported (KV events via agents)."""
-
-    tokenizer: str = Field(description='"word" (the simulated worker\'s) or a tokenizer.json path')
-    chat_template: str | None = Field(
-        None, description="Jinja2 chat template, a file path or the text (word: optional)"
-    )
-    bos_token: str | None = Field(None, description="the template's bos_token, if it uses one")
-    eos_token: str | None = Field(None, description="the template's eos_token, if it uses one")
-    block_size: int = Field(16, ge=1, description="the workers' KV block size in tokens")
-    hash_algo: Literal["sha256", "sha256_cbor"] = Field(
-        "sha256", description="the workers' --prefix-caching-hash-algo"
-    )
-    hash_seed: str = Field("vllm-none-hash", description="the workers' PYTHONHASHSEED, if set")
-    speculative_ttl_s: float = Field(
-        5.0, gt=0, description="a routed block counts as held this long unless an event says so"
-    )
-    default_capacity_blocks: int = Field(
-        200_000, ge=1, description="per-worker bound on known blocks when it reports no capacity"
-    )
-
-    @model_validator(mode="after")
-    def _loadable(self) -> PreciseConfig:
-        # Load now, so a bad path or template fails the config (and a reload keeps the old one).
-        from router.vllm_wire.prompt_tokens import build_prompt_tokenizer
-
-        build_prompt_tokenizer(self.tokenizer, self.chat_template, self.bos_token, self.eos_token)
-        return self
 
 
 class AdmissionConfig(Strict):
@@ -409,65 +264,3 @@ class GatewayConfig(Strict):
                     raise ValueError(f"model name {name!r} is served by two pools")
                 seen[name] = model
         return self
-
-
-class ConfigError(Exception):
-    """A routing YAML that cannot be used; `problems` lists (field path, message)."""
-
-    def __init__(self, problems: list[tuple[str, str]]) -> None:
-        self.problems = problems
-        super().__init__("; ".join(f"{path}: {msg}" for path, msg in problems))
-
-
-def parse_config(data: Any) -> GatewayConfig:
-    try:
-        return GatewayConfig.model_validate(data)
-    except ValidationError as exc:
-        problems = [
-            (".".join(str(p) for p in err["loc"]) or "(top)", err["msg"]) for err in exc.errors()
-        ]
-        raise ConfigError(problems) from None
-
-
-def load_config(path: str | Path) -> GatewayConfig:
-    try:
-        text = Path(path).read_text()
-    except OSError as exc:
-        raise ConfigError([("(file)", str(exc))]) from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError([("(yaml)", str(exc))]) from None
-    if not isinstance(data, dict):
-        raise ConfigError([("(top)", "the routing YAML must be a mapping")])
-    return parse_config(data)
-
-
-def quick_config(
-    model: str,
-    worker_urls: list[str],
-    *,
-    policy: str = "hybrid",
-    host: str = "127.0.0.1",
-    port: int = 8080,
-    redis_url: str | None = None,
-    api_key_hash: str | None = None,
-) -> GatewayConfig:
-    """The one-pool config `prefix-router serve --model --worker` builds (DESIGN.md §10.2)."""
-    state: dict[str, Any] = {"backend": "memory"}
-    if redis_url:
-        state = {"backend": "redis", "redis_url": redis_url}
-    auth: dict[str, Any] = {"enabled": False}
-    if api_key_hash:
-        key = {"tenant": "default", "sha256": api_key_hash.lower(), "admin": True}
-        auth = {"enabled": True, "keys": [key]}
-    return parse_config(
-        {
-            "listen": {"host": host, "port": port},
-            "auth": auth,
-            "state": state,
-            "pools": {
-                model: {"workers": [{"url": u} for u in worker_urls], "policy": {"name": policy}}
-            },
-        }
-    )

@@ -1,0 +1,82 @@
+"""Every pydantic model of the routing YAML, and how to load and validate it.
+
+Components receive their typed sub-config; nothing outside this package parses configuration.
+All models forbid unknown fields so a typo in the YAML is an error, not a silent default. The
+schema is split by subject (`routing`: policies and indexes; `gateway`: everything else;
+`loading`: YAML to a validated config) and re-exported here, so the YAML's whole schema, and
+the generated `docs/configuration.md`, still have one source.
+"""
+
+from __future__ import annotations
+
+from router.config.base import (
+    Strict,
+)
+from router.config.gateway import (
+    AdmissionConfig,
+    ApiKeyConfig,
+    AuthConfig,
+    GatewayConfig,
+    HealthConfig,
+    ListenConfig,
+    LoadScrapeConfig,
+    OutlierConfig,
+    PoolConfig,
+    RequestLimitsConfig,
+    ResultCacheConfig,
+    RetryConfig,
+    StateConfig,
+    TenantLimits,
+    TimeoutsConfig,
+    WorkerConfig,
+)
+from router.config.loading import (
+    ConfigError,
+    load_config,
+    parse_config,
+    quick_config,
+)
+from router.config.routing import (
+    POLICY_NAMES,
+    ConsistentHashPolicy,
+    HybridPolicy,
+    IndexConfig,
+    LeastLoadPolicy,
+    PolicyConfig,
+    PreciseConfig,
+    PrefixPolicy,
+    RoundRobinPolicy,
+)
+
+__all__ = [
+    "POLICY_NAMES",
+    "AdmissionConfig",
+    "ApiKeyConfig",
+    "AuthConfig",
+    "ConfigError",
+    "ConsistentHashPolicy",
+    "GatewayConfig",
+    "HealthConfig",
+    "HybridPolicy",
+    "IndexConfig",
+    "LeastLoadPolicy",
+    "ListenConfig",
+    "LoadScrapeConfig",
+    "OutlierConfig",
+    "PolicyConfig",
+    "PoolConfig",
+    "PreciseConfig",
+    "PrefixPolicy",
+    "RequestLimitsConfig",
+    "ResultCacheConfig",
+    "RetryConfig",
+    "RoundRobinPolicy",
+    "StateConfig",
+    "Strict",
+    "TenantLimits",
+    "TimeoutsConfig",
+    "WorkerConfig",
+    "load_config",
+    "parse_config",
+    "quick_config",
+]
