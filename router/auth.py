@@ -12,9 +12,8 @@ import hashlib
 import logging
 import os
 import secrets
+from collections.abc import Mapping
 from dataclasses import dataclass
-
-from aiohttp import web
 
 from router.config import ApiKeyConfig, AuthConfig, TenantLimits
 from router.errors import AuthenticationFailed, PermissionDenied
@@ -85,10 +84,11 @@ class Authenticator:
             assert digest is not None
             self._by_hash[digest] = _tenant(entry)
 
-    def authenticate(self, request: web.Request) -> Tenant:
+    def authenticate(self, headers: Mapping[str, str]) -> Tenant:
+        """The tenant of the API key in the request's headers."""
         if not self.enabled:
             return ANONYMOUS
-        key = _presented_key(request)
+        key = _presented_key(headers)
         if not key:
             raise AuthenticationFailed(
                 "missing API key: send `Authorization: Bearer KEY` or `x-api-key: KEY`"
@@ -98,8 +98,8 @@ class Authenticator:
             raise AuthenticationFailed("invalid API key")
         return tenant
 
-    def require_admin(self, request: web.Request) -> Tenant:
-        tenant = self.authenticate(request)
+    def require_admin(self, headers: Mapping[str, str]) -> Tenant:
+        tenant = self.authenticate(headers)
         if not tenant.admin:
             raise PermissionDenied("this endpoint needs an admin key", code="admin_required")
         return tenant
@@ -112,12 +112,12 @@ def check_model(tenant: Tenant, model: str) -> None:
         )
 
 
-def _presented_key(request: web.Request) -> str | None:
-    header = request.headers.get("Authorization")
+def _presented_key(headers: Mapping[str, str]) -> str | None:
+    header = headers.get("Authorization")
     if header:
         scheme, _, value = header.partition(" ")
         if scheme.lower() == "bearer" and value.strip():
             return value.strip()
         return None
-    key = request.headers.get("x-api-key")
+    key = headers.get("x-api-key")
     return key.strip() if key else None

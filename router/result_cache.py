@@ -18,8 +18,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from aiohttp import web
-
 from router.state.backend import StateBackend
 from router.state.keys import Keys
 
@@ -183,25 +181,3 @@ def render_stream(kind: str, model: str, entry: dict[str, Any], with_usage: bool
         parts.append(event([], usage=entry["usage"]))
     parts.append(b"data: [DONE]\n\n")
     return b"".join(parts)
-
-
-async def respond_from_cache(
-    request: web.Request,
-    kind: str,
-    model: str,
-    entry: dict[str, Any],
-    stream: bool,
-    with_usage: bool,
-    headers: dict[str, str],
-    transform: Callable[[bytes], bytes] | None = None,
-) -> web.StreamResponse:
-    headers = {**headers, "X-Cache": "hit"}
-    if not stream:
-        return web.json_response(render_body(kind, model, entry), headers=headers)
-    response = web.StreamResponse(status=200, headers=headers)
-    response.content_type = "text/event-stream"
-    await response.prepare(request)
-    events = render_stream(kind, model, entry, with_usage)
-    await response.write(transform(events) if transform is not None else events)
-    await response.write_eof()
-    return response

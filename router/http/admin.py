@@ -30,7 +30,7 @@ def register(app: web.Application) -> None:
 
 def _admin_state(request: web.Request) -> GatewayState:
     state = state_of(request)
-    state.auth.require_admin(request)
+    state.auth.require_admin(request.headers)
     return state
 
 

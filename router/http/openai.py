@@ -22,7 +22,7 @@ async def authenticated_body(
     request: web.Request, state: GatewayState
 ) -> tuple[bytes, dict[str, Any]]:
     """Who is calling (before anything is read), then the body as a checked JSON object."""
-    request[TENANT] = state.auth.authenticate(request)
+    request[TENANT] = state.auth.authenticate(request.headers)
     limits = state.config.limits
     raw = await read_body(request, limits.max_body_bytes)
     return raw, parse_json_object(raw, limits.max_json_depth)

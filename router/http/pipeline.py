@@ -23,13 +23,12 @@ from router.errors import InvalidRequest, NoCapacity
 from router.http.body import Kind
 from router.http.context import ACCESS, TENANT, GatewayState
 from router.http.outbound import upstream_call
-from router.http.respond import body_response, stream_response
+from router.http.respond import body_response, respond_from_cache, stream_response
 from router.result_cache import (
     Capture,
     cache_digest,
     entry_from_body,
     is_deterministic,
-    respond_from_cache,
 )
 from router.routing.key import routing_key
 from router.upstream.call import CallResult, UpstreamCall
@@ -75,7 +74,7 @@ async def forward_openai(
 ) -> web.StreamResponse:
     """Limit, admit, route and relay an already-checked OpenAI body (also used by the seed API,
     whose `transform` rewrites each relayed block of stream events into its own shape)."""
-    tenant = request.get(TENANT) or state.auth.authenticate(request)
+    tenant = request.get(TENANT) or state.auth.authenticate(request.headers)
     pool = state.registry.pool_for(body.get("model"))
     requested_tokens = max_tokens or DEFAULT_MAX_TOKENS
     key = routing_key(body, kind)

@@ -12,11 +12,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Callable
+from typing import Any
 
 from aiohttp import web
 
 from router.domain.policy import Decision
 from router.metrics import GatewayMetrics
+from router.result_cache import render_body, render_stream
 from router.upstream.call import UpstreamCall
 from router.upstream.dispatch import Dispatcher
 from router.upstream.relay import Answer, StreamBroken
@@ -93,3 +96,25 @@ def decorate(response: web.StreamResponse, call: UpstreamCall, decision: Decisio
         response.headers["X-Route-Worker"] = decision.worker.id
         response.headers["X-Route-Reason"] = decision.reason
         response.headers["X-Route-Matched-Tokens"] = str(decision.matched_tokens)
+
+
+async def respond_from_cache(
+    request: web.Request,
+    kind: str,
+    model: str,
+    entry: dict[str, Any],
+    stream: bool,
+    with_usage: bool,
+    headers: dict[str, str],
+    transform: Callable[[bytes], bytes] | None = None,
+) -> web.StreamResponse:
+    headers = {**headers, "X-Cache": "hit"}
+    if not stream:
+        return web.json_response(render_body(kind, model, entry), headers=headers)
+    response = web.StreamResponse(status=200, headers=headers)
+    response.content_type = "text/event-stream"
+    await response.prepare(request)
+    events = render_stream(kind, model, entry, with_usage)
+    await response.write(transform(events) if transform is not None else events)
+    await response.write_eof()
+    return response
