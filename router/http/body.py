@@ -20,13 +20,19 @@ async def read_body(request: web.Request, max_bytes: int) -> bytes:
     length = request.content_length
     if length is not None and length > max_bytes:
         raise PayloadTooLarge(f"request body of {length} bytes is over the {max_bytes} limit")
+    # `read(n)` returns what has arrived so far, not n bytes: a body that comes in several
+    # segments (any large prompt over a real network) is read until its end.
+    parts: list[bytes] = []
+    size = 0
     try:
-        body = await request.content.read(max_bytes + 1)
+        while chunk := await request.content.read(max_bytes + 1 - size):
+            parts.append(chunk)
+            size += len(chunk)
+            if size > max_bytes:
+                raise PayloadTooLarge(f"request body is over the {max_bytes} byte limit")
     except ConnectionError as exc:
         raise InvalidRequest(f"could not read the request body: {exc}") from None
-    if len(body) > max_bytes:
-        raise PayloadTooLarge(f"request body is over the {max_bytes} byte limit")
-    return body
+    return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 def _depth_ok(value: Any, limit: int) -> bool:
