@@ -146,6 +146,10 @@ async def _upstream_client(app: web.Application) -> AsyncIterator[None]:
     state.registry.on_remove.append(lambda worker: client.forget(worker.url))
     relay = Relay(client, state.config.timeouts, state.config.retries)
     state.dispatcher = Dispatcher(relay, state.config.retries, outlier, state.metrics)
+    state.on_reload.append(
+        lambda config: state.dispatcher.reconfigure(config.timeouts, config.retries)
+    )
+    state.on_reload.append(lambda config: outlier.reconfigure(config.outlier))
     yield
     client.close()
     await session.close()

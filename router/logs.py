@@ -36,9 +36,14 @@ def setup_logging(level: str) -> None:
     handler.setFormatter(JsonFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(level.upper())
+    set_log_level(level)
     # aiohttp's own access log duplicates ours.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+def set_log_level(level: str) -> None:
+    """The gateway's log level (at start, and when a reload changes `log_level`)."""
+    logging.getLogger().setLevel(level.upper())
 
 
 class LogOnce:

@@ -14,7 +14,7 @@ from typing import Any
 from aiohttp import web
 
 from router.domain.worker import Worker
-from router.errors import GatewayError, InvalidRequest, NotFound
+from router.errors import InvalidRequest, NotFound
 from router.http.context import GatewayState, state_of
 
 _WORKER = "/admin/workers/{worker_id:.+}"  # ids look like `pool/0`: let the id hold slashes
@@ -117,13 +117,7 @@ async def undrain_worker(request: web.Request) -> web.Response:
 
 async def reload_config(request: web.Request) -> web.Response:
     state = _admin_state(request)
-    reload = getattr(state, "reload", None)
-    if reload is None:
-        error = GatewayError("this gateway cannot reload its config", code="not_implemented")
-        error.status = 501
-        error.error_type = "invalid_request_error"
-        raise error
-    problems: list[tuple[str, str]] = await reload()
+    problems = await state.reload()
     if problems:
         raise InvalidRequest(
             "the new config was refused, the running one is kept: "

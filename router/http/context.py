@@ -18,7 +18,9 @@ from aiohttp import web
 from router.admission import Admission
 from router.auth import Authenticator, Tenant
 from router.config import ConfigError, GatewayConfig, load_config
+from router.config.changes import restart_needed
 from router.domain.registry import Registry
+from router.logs import set_log_level
 from router.metrics import GatewayMetrics
 from router.ratelimit import RateLimiter
 from router.result_cache import ResultCache
@@ -54,8 +56,10 @@ class GatewayState:
     async def reload(self) -> list[tuple[str, str]]:
         """Re-read the routing YAML; validate first, swap atomically, keep the old on error.
 
-        Returns the problems found (empty on success). The listen address and the state backend
-        need a restart and keep their running values.
+        Returns the problems found (empty on success). Every section is applied (pools,
+        keys, limits, timeouts, retries, outlier, health, scraping, logging, debug headers)
+        except the listen address, the state backend and the drain timeout: a file that
+        changes those is refused, naming the fields, rather than half applied.
         """
         if self.config_path is None:
             return [("(file)", "started without --config: there is no file to reload")]
@@ -65,9 +69,15 @@ class GatewayState:
         except ConfigError as exc:
             log.warning("reload refused, keeping the running config: %s", exc)
             return exc.problems
-        if new.listen != self.config.listen or new.state != self.config.state:
-            log.warning("reload: listen and state settings need a restart; keeping the old ones")
-            new = new.model_copy(update={"listen": self.config.listen, "state": self.config.state})
+        problems = restart_needed(self.config, new)
+        if problems:
+            log.warning(
+                "reload refused, keeping the running config: %s",
+                ", ".join(path for path, _ in problems) + " need a restart",
+            )
+            return problems
+        if new.log_level != self.config.log_level:
+            set_log_level(new.log_level)
         gone = self.registry.apply(new)
         self.auth = Authenticator(new.auth)
         self.config = new

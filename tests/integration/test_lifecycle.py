@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -13,6 +14,7 @@ from pathlib import Path
 import aiohttp
 import yaml
 
+from router.config import parse_config
 from router.http.context import STATE
 from router.serve import start_gateway
 from tests.conftest import MODEL, SimFactory, chat_body, gateway_config, wait_for
@@ -158,3 +160,62 @@ async def _refused(url: str) -> bool:
             return False
     except aiohttp.ClientError:
         return True
+
+
+async def test_reload_applies_timeouts_and_outlier_settings(
+    sims: SimFactory, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    slow, failing = await sims(2, time_scale=1.0)
+    path = tmp_path / "routing.yaml"
+    conf = _config_dict([slow.url, failing.url], policy={"name": "round_robin"})
+    path.write_text(yaml.safe_dump(conf))
+    runner, url = await start_gateway(parse_config(conf), str(path))
+    state = runner.app[STATE]
+    chat = url + "/v1/chat/completions"
+    root_level = logging.getLogger().level
+    try:
+        pool = state.registry.pools[MODEL]
+        await wait_for(lambda: all(w.routable for w in pool.workers), what="workers healthy")
+        conf["timeouts"] = {"total_s": 0.1}
+        conf["outlier"] = {"consecutive_failures": 1}
+        conf["log_level"] = "error"
+        path.write_text(yaml.safe_dump(conf))
+        assert await state.reload() == []
+        assert logging.getLogger().level == logging.ERROR
+
+        # A ~0.4 s answer now outlives the reloaded total deadline.
+        async with http.post(chat, json=chat_body(max_tokens=60, ignore_eos=True)) as resp:
+            assert resp.status == 504, await resp.text()
+
+        # One failure is now enough to eject a worker.
+        fault = {"faults": [{"kind": "status", "status": 503, "count": 10}]}
+        async with http.post(failing.url + "/sim/faults", json=fault) as resp:
+            assert resp.status == 200
+        worker = next(w for w in pool.workers if w.url == failing.url)
+        for _ in range(2):  # round robin: one of two requests goes to the failing worker
+            async with http.post(chat, json=chat_body(max_tokens=1)) as resp:
+                assert resp.status == 200
+        assert worker.ejections == 1
+    finally:
+        logging.getLogger().setLevel(root_level)
+        await runner.cleanup()
+
+
+async def test_reload_refuses_a_change_that_needs_a_restart_and_names_it(
+    sims: SimFactory, tmp_path: Path
+) -> None:
+    (worker,) = await sims(1)
+    path = tmp_path / "routing.yaml"
+    conf = _config_dict([worker.url])
+    path.write_text(yaml.safe_dump(conf))
+    runner, _ = await start_gateway(parse_config(conf), str(path))
+    state = runner.app[STATE]
+    try:
+        changed = {**conf, "listen": {"host": "127.0.0.1", "port": 1}, "drain_timeout_s": 5}
+        changed["pools"] = {MODEL: {"workers": [{"url": worker.url}], "aliases": ["new"]}}
+        path.write_text(yaml.safe_dump(changed))
+        problems = await state.reload()
+        assert [field for field, _ in problems] == ["listen.port", "drain_timeout_s"]
+        assert "new" not in state.registry.pools[MODEL].config.aliases  # nothing half applied
+    finally:
+        await runner.cleanup()
