@@ -8,7 +8,6 @@ through `cleanup_ctx`. A test builds a fresh app.
 from __future__ import annotations
 
 import random
-import socket
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -131,7 +130,6 @@ async def _upstream_client(app: web.Application) -> AsyncIterator[None]:
         limit_per_host=0,
         keepalive_timeout=30.0,
         enable_cleanup_closed=True,
-        family=socket.AF_INET,
     )
     session = aiohttp.ClientSession(
         connector=connector,

@@ -42,6 +42,8 @@ _SIM_FLAGS: dict[str, tuple[str, type]] = {
     "--kv-events-buffer-steps": ("kv_events_buffer_steps", int),
     "--tokenizer": ("tokenizer", str),
     "--chat-template": ("chat_template", str),
+    "--ssl-certfile": ("ssl_certfile", str),
+    "--ssl-keyfile": ("ssl_keyfile", str),
 }
 
 

@@ -12,6 +12,10 @@ from __future__ import annotations
 from router.config.base import (
     Strict,
 )
+from router.config.endpoint import (
+    Endpoint,
+    parse_endpoint,
+)
 from router.config.gateway import (
     AdmissionConfig,
     ApiKeyConfig,
@@ -47,6 +51,10 @@ from router.config.routing import (
     PrefixPolicy,
     RoundRobinPolicy,
 )
+from router.config.tls import (
+    TlsConfig,
+    client_context,
+)
 
 __all__ = [
     "POLICY_NAMES",
@@ -55,6 +63,7 @@ __all__ = [
     "AuthConfig",
     "ConfigError",
     "ConsistentHashPolicy",
+    "Endpoint",
     "GatewayConfig",
     "HealthConfig",
     "HybridPolicy",
@@ -75,8 +84,11 @@ __all__ = [
     "Strict",
     "TenantLimits",
     "TimeoutsConfig",
+    "TlsConfig",
     "WorkerConfig",
+    "client_context",
     "load_config",
     "parse_config",
+    "parse_endpoint",
     "quick_config",
 ]

@@ -7,7 +7,9 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from router.config.base import Strict
+from router.config.endpoint import parse_endpoint
 from router.config.routing import HybridPolicy, IndexConfig, PolicyConfig, PreciseConfig
+from router.config.tls import TlsConfig
 
 
 class ListenConfig(Strict):
@@ -118,12 +120,8 @@ class WorkerConfig(Strict):
     @field_validator("url")
     @classmethod
     def _base_url(cls, value: str) -> str:
-        if not value.startswith(("http://", "https://")):
-            raise ValueError("worker url must start with http:// or https://")
-        value = value.rstrip("/")
-        if value.endswith("/v1"):
-            raise ValueError("give the worker's base URL, without /v1")
-        return value
+        parse_endpoint(value)  # raises ValueError in words the operator can act on
+        return value.strip().rstrip("/")
 
 
 class PoolConfig(Strict):
@@ -138,6 +136,7 @@ class PoolConfig(Strict):
     max_tokens_limit: int = Field(32_768, ge=1)
     admission: AdmissionConfig = Field(default_factory=AdmissionConfig)
     result_cache: ResultCacheConfig = Field(default_factory=ResultCacheConfig)
+    tls: TlsConfig = Field(default_factory=TlsConfig)
     fallback_pools: list[str] = Field(
         default_factory=list,
         description="pools (by name) to use, in order, when this one has no eligible worker "

@@ -6,10 +6,11 @@ A pool is a domain value: the policy and keyer it carries are built by routing a
 
 from __future__ import annotations
 
+import ssl
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from router.config import PoolConfig, PreciseConfig
+from router.config import PoolConfig, PreciseConfig, client_context
 from router.domain.calibration import TokenCalibration
 from router.domain.policy import Policy, PromptKeyer
 from router.domain.worker import Health, Worker
@@ -38,6 +39,15 @@ class Pool:
     calibration: TokenCalibration = field(default_factory=TokenCalibration)
     """Characters per token of this pool's traffic, learned from workers' usage; it outlives
     reloads, as the traffic does."""
+
+    _tls: ssl.SSLContext | None = field(default=None, init=False, repr=False)
+
+    def tls_context(self) -> ssl.SSLContext:
+        """The pool's client TLS context, built on first use from its config (a pool, and so
+        a reload, builds its own: a rotated CA file is read again)."""
+        if self._tls is None:
+            self._tls = client_context(self.config.tls)
+        return self._tls
 
     def candidates(self) -> list[Worker]:
         routable = [w for w in self.workers if w.routable]

@@ -67,6 +67,7 @@ class Registry:
                 if worker is None:
                     worker = Worker(id=wc.id or f"{name}/{i}", url=wc.url, pool=name)
                 worker.kv_capacity_blocks = wc.kv_capacity_blocks
+                worker.ssl = pool.tls_context() if worker.endpoint.tls else None
                 if worker.id in workers:
                     worker.id = f"{worker.id}#{i}"
                 workers[worker.id] = worker
@@ -76,6 +77,7 @@ class Registry:
             if worker.discovered and worker.pool in pools and worker.id not in workers:
                 workers[worker.id] = worker
                 pools[worker.pool].workers.append(worker)
+                worker.ssl = pools[worker.pool].tls_context() if worker.endpoint.tls else None
         gone = [w for w in self._workers.values() if workers.get(w.id) is not w]
         for worker in gone:
             if worker.pool in kept_policy:
@@ -103,7 +105,9 @@ class Registry:
         if worker.id in self._workers:
             return
         self._workers[worker.id] = worker
-        self._pools[worker.pool].workers.append(worker)
+        pool = self._pools[worker.pool]
+        pool.workers.append(worker)
+        worker.ssl = pool.tls_context() if worker.endpoint.tls else None
 
     def remove_worker(self, worker_id: str) -> None:
         """Stop routing to a worker; requests already on it finish on their own."""

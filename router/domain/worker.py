@@ -9,8 +9,11 @@ and never await: everything they need is already here.
 from __future__ import annotations
 
 import enum
+import ssl
 import time
 from dataclasses import dataclass, field
+
+from router.config.endpoint import Endpoint, parse_endpoint
 
 
 class Health(enum.Enum):
@@ -57,6 +60,13 @@ class Worker:
     ejected_until: float = 0.0
     ejections: int = 0
     reported: ReportedLoad = field(default_factory=ReportedLoad)
+    ssl: ssl.SSLContext | None = None
+    """The pool's TLS context for an https:// worker (the registry sets it from the config)."""
+    endpoint: Endpoint = field(init=False)
+    """The URL parsed for the relay; a URL it cannot use raises ValueError here."""
+
+    def __post_init__(self) -> None:
+        self.endpoint = parse_endpoint(self.url)
 
     @property
     def routable(self) -> bool:

@@ -18,8 +18,8 @@ import math
 import time
 
 from redis.exceptions import RedisError, ResponseError
-from yarl import URL
 
+from router.config import parse_endpoint
 from router.domain.registry import Registry
 from router.domain.worker import ReportedLoad, Worker
 from router.logs import LogOnce
@@ -53,13 +53,13 @@ def _int(record: Record, field: str) -> int | None:
 
 
 def _url(registration: Record) -> str:
-    text = (_text(registration, "url") or "").rstrip("/")
+    """The registered base URL, if the relay can use it (the same rules as the YAML's)."""
+    text = (_text(registration, "url") or "").strip().rstrip("/")
     try:
-        url = URL(text)
-    except (ValueError, TypeError):
-        raise MalformedRecord("url does not parse") from None
-    if url.scheme not in ("http", "https") or not url.host:
-        raise MalformedRecord("url is not an http(s) URL with a host")
+        parse_endpoint(text)
+    except ValueError:
+        # The cause is a fixed phrase: the URL itself may hold credentials, never logged.
+        raise MalformedRecord("url is not a usable http(s) base URL") from None
     return text
 
 

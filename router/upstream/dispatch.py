@@ -64,7 +64,7 @@ class Dispatcher:
         tried: set[Worker] = set()
         last_error: GatewayError | None = None
         counted = 0
-        last_cause = ""
+        last_unseen = False
         self._active += 1
         try:
             async with asyncio.timeout_at(deadline):
@@ -72,7 +72,7 @@ class Dispatcher:
                     candidates = [w for w in call.pool.candidates() if w not in tried]
                     if not candidates:
                         break
-                    retrying = result.attempts > 0 and last_cause != "connect"
+                    retrying = result.attempts > 0 and not last_unseen
                     if retrying:
                         if not self._retry_allowed():
                             self._metrics.retries.labels("budget_exhausted").inc()
@@ -88,8 +88,8 @@ class Dispatcher:
                             raise exc.error from None
                         last_error = exc.error
                         tried.add(decision.worker)
-                        last_cause = exc.cause
-                        if exc.cause != "connect":
+                        last_unseen = exc.unseen
+                        if not exc.unseen:
                             counted += 1
                         if counted < self._retries.max_attempts:
                             self._metrics.retries.labels(exc.cause).inc()

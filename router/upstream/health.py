@@ -81,13 +81,17 @@ class HealthChecker:
     async def probe(self, worker: Worker) -> tuple[bool, str]:
         timeout = aiohttp.ClientTimeout(total=self._config.timeout_s)
         try:
-            async with self._session.get(worker.url + "/health", timeout=timeout) as resp:
+            async with self._session.get(
+                worker.endpoint.url("/health"), timeout=timeout, ssl=worker.ssl or True
+            ) as resp:
                 if resp.status != 200:
                     return False, f"/health answered {resp.status}"
                 await resp.read()
             if not self._config.check_model:
                 return True, "ok"
-            async with self._session.get(worker.url + "/v1/models", timeout=timeout) as resp:
+            async with self._session.get(
+                worker.endpoint.url("/v1/models"), timeout=timeout, ssl=worker.ssl or True
+            ) as resp:
                 if resp.status != 200:
                     return False, f"/v1/models answered {resp.status}"
                 listing = await resp.json(content_type=None)

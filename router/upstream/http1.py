@@ -18,8 +18,11 @@ from __future__ import annotations
 import asyncio
 import collections
 import socket
+import ssl
 from dataclasses import dataclass, field
 from typing import cast
+
+from router.config.endpoint import Endpoint, parse_endpoint
 
 _HEAD_END = b"\r\n\r\n"
 _CRLF = b"\r\n"
@@ -285,8 +288,8 @@ def _expire(waiter: asyncio.Future[None]) -> None:
 
 @dataclass(eq=False)
 class HostPool:
-    host: str
-    port: int
+    endpoint: Endpoint
+    ssl: ssl.SSLContext | None = None
     idle: list[Connection] = field(default_factory=list)
 
 
@@ -298,26 +301,49 @@ class UpstreamClient:
         self._max_idle = max_idle_per_host
         self._closed = False
 
-    def _pool(self, base_url: str) -> HostPool:
+    def _pool(
+        self, base_url: str, endpoint: Endpoint | None, context: ssl.SSLContext | None
+    ) -> HostPool:
         pool = self._pools.get(base_url)
         if pool is None:
-            rest = base_url.split("://", 1)[1]
-            host, _, port = rest.partition(":")
-            pool = HostPool(host=host.strip("[]"), port=int(port) if port else 80)
+            pool = HostPool(endpoint or parse_endpoint(base_url), context)
             self._pools[base_url] = pool
+        elif context is not pool.ssl:
+            # A reload built a new TLS context: connections made with the old one go.
+            for conn in pool.idle:
+                conn.close()
+            pool.idle.clear()
+            pool.ssl = context
         return pool
 
-    async def connect(self, base_url: str, timeout_s: float, fresh: bool = False) -> Connection:
-        """A ready connection: an idle pooled one if any (unless `fresh`), else a new one."""
-        pool = self._pool(base_url)
+    async def connect(
+        self,
+        base_url: str,
+        timeout_s: float,
+        fresh: bool = False,
+        *,
+        endpoint: Endpoint | None = None,
+        context: ssl.SSLContext | None = None,
+    ) -> Connection:
+        """A ready connection: an idle pooled one if any (unless `fresh`), else a new one,
+        over TLS when the worker's URL is https:// (`context` from its pool's config)."""
+        pool = self._pool(base_url, endpoint, context)
         while pool.idle and not fresh:
             conn = pool.idle.pop()
             if conn.transport is not None and not conn.transport.is_closing():
                 return conn
         loop = asyncio.get_running_loop()
+        target = pool.endpoint
+        tls = pool.ssl if target.tls else None
+        if target.tls and tls is None:
+            tls = ssl.create_default_context()
         async with asyncio.timeout(timeout_s):
             _, protocol = await loop.create_connection(
-                lambda: Connection(loop), pool.host, pool.port
+                lambda: Connection(loop),
+                target.host,
+                target.port,
+                ssl=tls,
+                server_hostname=target.host if tls is not None else None,
             )
         return protocol
 

@@ -169,7 +169,9 @@ class LoadScraper:
     async def scrape(self, worker: Worker) -> None:
         timeout = aiohttp.ClientTimeout(total=self._config.timeout_s)
         try:
-            async with self._session.get(worker.url + "/metrics", timeout=timeout) as resp:
+            async with self._session.get(
+                worker.endpoint.url("/metrics"), timeout=timeout, ssl=worker.ssl or True
+            ) as resp:
                 if resp.status != 200:
                     return
                 text = await resp.text()

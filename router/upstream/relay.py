@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import ssl
 import time
 from collections.abc import Callable
 
@@ -35,11 +36,15 @@ _JSON = "application/json"
 class AttemptFailed(Exception):
     """The attempt failed before any byte reached the client."""
 
-    def __init__(self, cause: str, error: GatewayError, retryable: bool = True) -> None:
+    def __init__(
+        self, cause: str, error: GatewayError, retryable: bool = True, *, unseen: bool = False
+    ) -> None:
         super().__init__(cause)
         self.cause = cause
         self.error = error
         self.retryable = retryable
+        self.unseen = unseen
+        """The worker never saw the request (no connection): trying the next one is free."""
 
 
 class StreamBroken(Exception):
@@ -270,17 +275,29 @@ class Relay:
     async def _send(self, worker: Worker, call: UpstreamCall, fresh: bool = False) -> Connection:
         """Connect (or reuse a kept-alive connection) and send the request in one write."""
         headers = {"Content-Type": _JSON, "X-Request-Id": call.request_id}
+        endpoint = worker.endpoint
         # Built before connecting: a request that cannot be written must not hold a connection.
-        request = format_request(call.path, worker.url.split("://", 1)[1], call.body, headers)
+        request = format_request(
+            endpoint.target(call.path), endpoint.host_header, call.body, headers
+        )
         try:
-            conn = await self._client.connect(worker.url, self._timeouts.connect_s, fresh)
+            conn = await self._client.connect(
+                worker.url, self._timeouts.connect_s, fresh, endpoint=endpoint, context=worker.ssl
+            )
         except TimeoutError:
             raise AttemptFailed(
                 "connect_timeout", UpstreamFailed(f"worker {worker.id} did not accept in time")
             ) from None
+        except ssl.SSLError as exc:
+            # Never a silent downgrade: a worker whose certificate is not trusted gets nothing.
+            raise AttemptFailed(
+                "tls",
+                UpstreamFailed(f"worker {worker.id}: TLS handshake failed ({exc.reason})"),
+                unseen=True,
+            ) from None
         except OSError as exc:
             raise AttemptFailed(
-                "connect", UpstreamFailed(f"worker {worker.id} unreachable: {exc}")
+                "connect", UpstreamFailed(f"worker {worker.id} unreachable: {exc}"), unseen=True
             ) from None
         conn.send(request)
         return conn

@@ -26,6 +26,8 @@ class SimConfig(BaseModel):
     model: str = Field(min_length=1, description="served model name (vLLM --served-model-name)")
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535, description="0 picks an ephemeral port")
+    ssl_certfile: str | None = Field(default=None, description="serve https (vLLM --ssl-certfile)")
+    ssl_keyfile: str | None = Field(default=None, description="its key (vLLM --ssl-keyfile)")
 
     # KV cache and prefix caching.
     block_size: int = Field(default=16, ge=1)

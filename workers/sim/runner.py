@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import ssl
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -50,15 +51,20 @@ async def start_sim_worker(config: SimConfig) -> SimHandle:
     app = build_sim_app(config)
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
     await runner.setup()
+    context = None
+    if config.ssl_certfile is not None:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(config.ssl_certfile, config.ssl_keyfile)
     try:
-        site = web.TCPSite(runner, config.host, config.port, backlog=1024)
+        site = web.TCPSite(runner, config.host, config.port, backlog=1024, ssl_context=context)
         await site.start()
         port = _bound_port(runner)
     except BaseException:
         await runner.cleanup()
         raise
     host = f"[{config.host}]" if ":" in config.host else config.host
-    return SimHandle(url=f"http://{host}:{port}", app=app, runner=runner, config=config)
+    scheme = "https" if context is not None else "http"
+    return SimHandle(url=f"{scheme}://{host}:{port}", app=app, runner=runner, config=config)
 
 
 async def serve_sim_forever(config: SimConfig) -> None:
