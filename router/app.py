@@ -142,7 +142,9 @@ async def _upstream_client(app: web.Application) -> AsyncIterator[None]:
     client = UpstreamClient()
     # A worker that left keeps no idle connections open.
     state.registry.on_remove.append(lambda worker: client.forget(worker.url))
-    relay = Relay(client, state.config.timeouts, state.config.retries)
+    relay = Relay(
+        client, state.config.timeouts, state.config.retries, state.metrics.upstream_resends
+    )
     state.dispatcher = Dispatcher(relay, state.config.retries, outlier, state.metrics)
     state.on_reload.append(
         lambda config: state.dispatcher.reconfigure(config.timeouts, config.retries)

@@ -197,6 +197,12 @@ class GatewayMetrics:
             ["cause"],
             registry=r,
         )
+        self.upstream_resends = Counter(
+            "prefix_router_upstream_resends",
+            "Requests written again on a new connection because the kept-alive one had been "
+            "closed by the worker before anything was written",
+            registry=r,
+        )
         self.stream_errors = Counter(
             "prefix_router_stream_errors",
             "Streams that broke after the first byte and were ended with an error event",

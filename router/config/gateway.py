@@ -26,6 +26,12 @@ class TimeoutsConfig(Strict):
     )
     idle_s: float = Field(30.0, gt=0, description="longest gap between two streamed chunks")
     total_s: float = Field(600.0, gt=0)
+    keepalive_s: float = Field(
+        4.0,
+        gt=0,
+        description="idle upstream connections are closed after this; keep it below the "
+        "workers' own keep-alive timeout (5 s for vLLM) so none is reused as the worker closes it",
+    )
     generation_s: float | None = Field(
         None,
         gt=0,

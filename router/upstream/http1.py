@@ -3,14 +3,15 @@
 Why not aiohttp's client: building a ClientRequest, its header multidicts, tracing hooks and
 the response object costs more CPU per request than everything else the gateway does, and the
 overhead budget (DESIGN.md §7) cannot be met with it. This client does only what the relay
-needs: write one pre-formatted request in one `transport.write`, parse the status line and
-headers once, then hand body bytes to the reader as they arrive (Content-Length or chunked),
+needs: write one pre-formatted request in one `transport.write`, let llhttp (httptools, the
+parser uvicorn uses) frame the response, then hand body bytes to the reader as they arrive,
 coalescing whatever one `data_received` delivered into one read. Timeouts are one timer per
 wait, armed only when the reader actually has to wait.
 
-Connections are kept alive per worker and reused; a connection whose response was not read to
-its end (cancellation, error, timeout) is closed, which is also how the worker learns that the
-client went away and aborts the sequence.
+Connections are kept alive per worker and reused until `keepalive_s` of idleness; a connection
+whose response was not read to its end (cancellation, error, timeout), that broke framing, or
+whose worker asked to close it is closed, which is also how the worker learns that the client
+went away and aborts the sequence.
 """
 
 from __future__ import annotations
@@ -22,11 +23,14 @@ import ssl
 from dataclasses import dataclass, field
 from typing import cast
 
+import httptools
+
 from router.config.endpoint import Endpoint, parse_endpoint
 
-_HEAD_END = b"\r\n\r\n"
-_CRLF = b"\r\n"
-_MAX_HEAD_BYTES = 64 * 1024
+_MAX_OVERHEAD_BYTES = 64 * 1024
+"""Bytes the worker may send without any progress of the response (a head, a chunk-size line, a
+trailer section): a worker that sends endless headers or chunk extensions is cut off here."""
+_MAX_HEADERS = 100
 _PAUSE_ABOVE_BYTES = 1 << 20
 
 
@@ -45,23 +49,38 @@ class Head:
 
 
 class Connection(asyncio.Protocol):
-    """One keep-alive connection; the parser is a small state machine fed by data_received."""
+    """One keep-alive connection; llhttp (httptools) frames the responses fed by data_received.
+
+    llhttp is strict where a hand-written parser is not: one non-negative decimal
+    Content-Length (duplicates are an error), never with Transfer-Encoding, chunk sizes of hex
+    digits only with each chunk's CRLF checked, no bare LF, no obsolete line folding. On top of
+    it: Transfer-Encoding must be exactly `chunked`, interim 1xx heads are skipped, a head may
+    have at most 100 headers, the bytes without progress (head, chunk-size lines, trailers) are
+    bounded, and a reset before a close-delimited body ended is an error, not its end. Any
+    violation closes the connection; one never goes back to the pool unless its response was
+    read to the end, llhttp says keep-alive (HTTP/1.1 and no `close` token), and no byte came
+    after it."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self.transport: asyncio.Transport | None = None
-        self._buf = bytearray()
-        self._state = "idle"  # idle | head | length | chunk_size | chunk_data | chunk_end | eof
-        self._remaining = 0
+        self._parser = httptools.HttpResponseParser(self)
+        self._state = "idle"  # idle | head | body | until_close | eof | closed
+        self._status = 0
+        self._headers: dict[str, str] = {}
+        self._header_count = 0
         self._head: Head | None = None
         self._body: collections.deque[bytes] = collections.deque()
         self._buffered = 0
+        self._stalled = 0
+        self._progress = False
         self._error: BaseException | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._paused = False
         self.reusable = False
         self.used = 0
         self.received_any = False
+        self.idle_since = 0.0
 
     # -- asyncio.Protocol ---------------------------------------------------------------------
 
@@ -75,134 +94,94 @@ class Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.reusable = False
         self.transport = None
-        if self._state == "until_close":
+        if self._state == "until_close" and exc is None:
             self._state = "eof"  # a body without length or chunking ends with the connection
-        elif self._state not in ("idle", "eof"):
+        elif self._state in ("head", "body", "until_close"):
             if self._error is None:
                 self._error = exc or UpstreamClosed("worker closed the connection mid-response")
             self._state = "closed"
-        else:
-            self._state = "closed" if self._state == "idle" else "eof"
+        elif self._state == "idle":
+            self._state = "closed"
         self._wake()
 
     def data_received(self, data: bytes) -> None:
         self.received_any = True
-        if self._state in ("idle", "closed", "eof"):
+        if self._state not in ("head", "body", "until_close"):
             # Bytes nobody asked for: the connection is out of step; never reuse it.
             self.reusable = False
             return
-        self._buf += data
+        self._progress = False
         try:
-            self._parse()
-        except UpstreamProtocolError as exc:
-            self._error = exc
-            self.reusable = False
-            if self.transport is not None:
-                self.transport.close()
+            self._parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            if self._state == "eof":
+                self.reusable = False  # bytes after a complete response: discard it after
+            else:
+                cause = exc.__context__  # a callback's own verdict, when one raised
+                self._fail(
+                    cause
+                    if isinstance(cause, UpstreamProtocolError)
+                    else UpstreamProtocolError(f"malformed response: {exc}")
+                )
+        else:
+            self._stalled = 0 if self._progress else self._stalled + len(data)
+            if self._stalled > _MAX_OVERHEAD_BYTES and self._state != "eof":
+                self._fail(UpstreamProtocolError("response framing too large"))
         self._wake()
         if self._buffered > _PAUSE_ABOVE_BYTES and not self._paused and self.transport:
             self._paused = True
             self.transport.pause_reading()
 
-    # -- parser -------------------------------------------------------------------------------
+    def _fail(self, error: UpstreamProtocolError) -> None:
+        self._error = error
+        self._state = "closed"
+        self.reusable = False
+        if self.transport is not None:
+            self.transport.close()
 
-    def _parse(self) -> None:
-        buf = self._buf
-        while buf:
-            state = self._state
-            if state == "head":
-                end = buf.find(_HEAD_END)
-                if end < 0:
-                    if len(buf) > _MAX_HEAD_BYTES:
-                        raise UpstreamProtocolError("response head too large")
-                    return
-                self._start_body(bytes(buf[:end]))
-                del buf[: end + 4]
-            elif state == "until_close":
-                self._push(bytes(buf))
-                buf.clear()
-            elif state == "length":
-                take = min(self._remaining, len(buf))
-                self._push(bytes(buf[:take]))
-                del buf[:take]
-                self._remaining -= take
-                if self._remaining == 0:
-                    self._finish()
-            elif state == "chunk_size":
-                end = buf.find(_CRLF)
-                if end < 0:
-                    return
-                try:
-                    size = int(bytes(buf[:end]).split(b";", 1)[0], 16)
-                except ValueError:
-                    raise UpstreamProtocolError("bad chunk size") from None
-                del buf[: end + 2]
-                if size == 0:
-                    self._state = "trailers"
-                else:
-                    self._remaining = size
-                    self._state = "chunk_data"
-            elif state == "chunk_data":
-                take = min(self._remaining, len(buf))
-                self._push(bytes(buf[:take]))
-                del buf[:take]
-                self._remaining -= take
-                if self._remaining == 0:
-                    self._state = "chunk_end"
-            elif state == "chunk_end":
-                if len(buf) < 2:
-                    return
-                del buf[:2]
-                self._state = "chunk_size"
-            elif state == "trailers":
-                end = buf.find(_CRLF)
-                if end < 0:
-                    return
-                del buf[: end + 2]
-                if end == 0:
-                    self._finish()
-            else:
-                self.reusable = False
-                return
+    # -- llhttp callbacks ---------------------------------------------------------------------
 
-    def _start_body(self, head: bytes) -> None:
-        lines = head.split(_CRLF)
-        parts = lines[0].split(b" ", 2)
-        if len(parts) < 2 or not parts[0].startswith(b"HTTP/1."):
-            raise UpstreamProtocolError("not an HTTP/1.x response")
-        try:
-            status = int(parts[1])
-        except ValueError:
-            raise UpstreamProtocolError("bad status code") from None
-        headers: dict[str, str] = {}
-        for line in lines[1:]:
-            name, sep, value = line.partition(b":")
-            if sep:
-                headers[name.strip().lower().decode("latin-1")] = value.strip().decode("latin-1")
-        self._head = Head(status, headers)
-        keep_alive = headers.get("connection", "").lower() != "close"
-        if "chunked" in headers.get("transfer-encoding", "").lower():
-            self._state = "chunk_size"
-            self.reusable = keep_alive
-        elif "content-length" in headers:
-            try:
-                self._remaining = int(headers["content-length"])
-            except ValueError:
-                raise UpstreamProtocolError("bad content-length") from None
-            self.reusable = keep_alive
-            self._state = "length"
-            if self._remaining == 0:
-                self._finish()
-        else:
-            self._state = "until_close"
-            self.reusable = False
+    def on_message_begin(self) -> None:
+        if self._state == "eof":
+            raise UpstreamProtocolError("a second response to one request")
+        self._headers = {}
+        self._header_count = 0
 
-    def _push(self, data: bytes) -> None:
-        if data:
-            self._body.append(data)
-            self._buffered += len(data)
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._header_count += 1
+        if self._header_count > _MAX_HEADERS:
+            raise UpstreamProtocolError("too many response headers")
+        key = name.decode("latin-1").lower()
+        text = value.decode("latin-1")
+        previous = self._headers.get(key)
+        self._headers[key] = text if previous is None else f"{previous}, {text}"
 
-    def _finish(self) -> None:
+    def on_headers_complete(self) -> None:
+        status = self._parser.get_status_code()
+        if 100 <= status < 200:
+            return  # an interim answer (100 Continue, 103 Early Hints): the real one follows
+        encoding = self._headers.get("transfer-encoding")
+        if encoding is not None and encoding.strip().lower() != "chunked":
+            raise UpstreamProtocolError(f"unsupported Transfer-Encoding {encoding[:40]!r}")
+        self._progress = True
+        self._head = Head(status, self._headers)
+        chunked = encoding is not None
+        delimited = chunked or "content-length" in self._headers or status in (204, 304)
+        self._state = "body" if delimited else "until_close"
+
+    def on_body(self, body: bytes) -> None:
+        self._progress = True
+        self._body.append(body)
+        self._buffered += len(body)
+
+    def on_chunk_complete(self) -> None:
+        self._progress = True
+
+    def on_message_complete(self) -> None:
+        if self._head is None:
+            return  # the end of a 1xx head
+        self._progress = True
+        self.reusable = self._parser.should_keep_alive()
         self._state = "eof"
 
     def _wake(self) -> None:
@@ -225,15 +204,22 @@ class Connection(asyncio.Protocol):
 
     # -- the caller's side --------------------------------------------------------------------
 
-    def send(self, request: bytes) -> None:
-        assert self.transport is not None
+    def send(self, request: bytes) -> bool:
+        """Write the request in one write; False, with nothing written, when the connection
+        is already closing (the worker closed it while it sat idle: sending again elsewhere
+        costs the worker nothing)."""
+        transport = self.transport
+        if transport is None or transport.is_closing() or self._state != "idle":
+            return False
         self._state = "head"
         self._head = None
         self._error = None
+        self._stalled = 0
         self.reusable = False
         self.received_any = False
         self.used += 1
-        self.transport.write(request)
+        transport.write(request)
+        return True
 
     async def read_head(self, deadline: float | None) -> Head:
         while self._head is None:
@@ -266,12 +252,6 @@ class Connection(asyncio.Protocol):
         return data
 
     @property
-    def went_stale(self) -> bool:
-        """A reused connection that ended before any byte of the answer: the worker closed it
-        while it sat idle in the pool, so the request never reached it."""
-        return self.used > 1 and not self.received_any
-
-    @property
     def finished(self) -> bool:
         return self._state == "eof" and not self._body
 
@@ -296,9 +276,13 @@ class HostPool:
 class UpstreamClient:
     """Keep-alive connection pools, one per worker base URL."""
 
-    def __init__(self, max_idle_per_host: int = 256) -> None:
+    def __init__(self, max_idle_per_host: int = 256, keepalive_s: float = 4.0) -> None:
         self._pools: dict[str, HostPool] = {}
         self._max_idle = max_idle_per_host
+        self.keepalive_s = keepalive_s
+        """Idle connections older than this are closed, not reused: below the worker's own
+        keep-alive timeout (uvicorn's, so vLLM's, is 5 s), a connection is never reused at the
+        moment the worker closes it, which would lose a request already written."""
         self._closed = False
 
     def _pool(
@@ -328,11 +312,18 @@ class UpstreamClient:
         """A ready connection: an idle pooled one if any (unless `fresh`), else a new one,
         over TLS when the worker's URL is https:// (`context` from its pool's config)."""
         pool = self._pool(base_url, endpoint, context)
+        loop = asyncio.get_running_loop()
+        oldest = loop.time() - self.keepalive_s
         while pool.idle and not fresh:
             conn = pool.idle.pop()
+            if conn.idle_since < oldest:
+                # The last one pushed is the newest: every other idle one is older still.
+                for stale in (conn, *pool.idle):
+                    stale.close()
+                pool.idle.clear()
+                break
             if conn.transport is not None and not conn.transport.is_closing():
                 return conn
-        loop = asyncio.get_running_loop()
         target = pool.endpoint
         tls = pool.ssl if target.tls else None
         if target.tls and tls is None:
@@ -362,6 +353,7 @@ class UpstreamClient:
             conn.close()
             return
         conn._state = "idle"
+        conn.idle_since = asyncio.get_running_loop().time()
         pool.idle.append(conn)
 
     def forget(self, base_url: str) -> None:

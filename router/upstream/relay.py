@@ -18,6 +18,8 @@ import ssl
 import time
 from collections.abc import Callable
 
+from prometheus_client import Counter
+
 from router.config import RetryConfig, TimeoutsConfig
 from router.domain.policy import Decision
 from router.domain.worker import Dispatch, Worker
@@ -30,6 +32,9 @@ from router.upstream.sse import DONE, EVENT_END, split_usage_event, usage_from
 log = logging.getLogger("prefix_router.relay")
 
 RETRYABLE_STATUSES = frozenset({502, 503, 504})
+MAX_EVENT_BYTES = 1 << 20
+"""The longest server-sent event a worker may send (a streamed delta is a few hundred bytes):
+a worker that streams without event boundaries is cut off, not buffered."""
 _JSON = "application/json"
 
 
@@ -164,6 +169,8 @@ class Answer:
                     self.result.answer = self._text.text()
                 return None
             self._pending = self._pending + chunk if self._pending else chunk
+            if len(self._pending) > MAX_EVENT_BYTES:
+                raise StreamBroken("event_too_large")
 
     def close(self) -> None:
         conn, self._conn = self._conn, None
@@ -176,14 +183,21 @@ class Answer:
 
 
 class Relay:
-    def __init__(self, client: UpstreamClient, timeouts: TimeoutsConfig, retries: RetryConfig):
+    def __init__(
+        self,
+        client: UpstreamClient,
+        timeouts: TimeoutsConfig,
+        retries: RetryConfig,
+        resends: Counter,
+    ) -> None:
         self._client = client
-        self._timeouts = timeouts
-        self._retries = retries
+        self._resends = resends
+        self.reconfigure(timeouts, retries)
 
     def reconfigure(self, timeouts: TimeoutsConfig, retries: RetryConfig) -> None:
         self._timeouts = timeouts
         self._retries = retries
+        self._client.keepalive_s = timeouts.keepalive_s
 
     async def attempt(self, call: UpstreamCall, decision: Decision, result: CallResult) -> Answer:
         """Send the call to the decision's worker and wait for its first byte."""
@@ -239,28 +253,26 @@ class Relay:
     async def _open(
         self, worker: Worker, call: UpstreamCall, deadline: float
     ) -> tuple[Connection, Head]:
-        """Send the request and read the answer's status line and headers.
-
-        A kept-alive connection the worker closed while it sat idle fails before any byte of
-        an answer; the worker never saw the request, so it goes out once more on a new
-        connection instead of counting as the worker's failure."""
-        for fresh in (False, True):
-            conn = await self._send(worker, call, fresh)
-            try:
-                return conn, await conn.read_head(deadline)
-            except TimeoutError:
-                self._client.release(worker.url, conn)
-                raise self._accepted_timeout(worker, call) from None
-            except ConnectionError as exc:
-                self._client.release(worker.url, conn)
-                if fresh or not conn.went_stale:
-                    raise AttemptFailed(
-                        "reset", UpstreamFailed(f"worker {worker.id} failed: {exc}")
-                    ) from None
-            except BaseException:
-                self._client.release(worker.url, conn)  # cancelled: the worker must see it
-                raise
-        raise AssertionError("unreachable: the fresh attempt returns or raises")
+        """Send the request and read the answer's status line and headers."""
+        conn = await self._send(worker, call)
+        try:
+            return conn, await conn.read_head(deadline)
+        except TimeoutError:
+            self._client.release(worker.url, conn)
+            raise self._accepted_timeout(worker, call) from None
+        except ConnectionError as exc:
+            self._client.release(worker.url, conn)
+            # A reused connection the worker closed as the request went out may have carried
+            # it to the worker: it is not sent again here (the dispatcher may retry it
+            # elsewhere), unlike one found closed before anything was written.
+            reused = conn.used > 1 and not conn.received_any
+            raise AttemptFailed(
+                "stale_connection" if reused else "reset",
+                UpstreamFailed(f"worker {worker.id} failed: {exc}"),
+            ) from None
+        except BaseException:
+            self._client.release(worker.url, conn)  # cancelled: the worker must see it
+            raise
 
     def _accepted_timeout(self, worker: Worker, call: UpstreamCall) -> AttemptFailed:
         """The worker took the request and may still be generating: another worker gets it
@@ -272,7 +284,7 @@ class Relay:
             retryable=self._retries.retry_on_first_byte_timeout,
         )
 
-    async def _send(self, worker: Worker, call: UpstreamCall, fresh: bool = False) -> Connection:
+    async def _send(self, worker: Worker, call: UpstreamCall) -> Connection:
         """Connect (or reuse a kept-alive connection) and send the request in one write."""
         headers = {"Content-Type": _JSON, "X-Request-Id": call.request_id}
         endpoint = worker.endpoint
@@ -280,9 +292,26 @@ class Relay:
         request = format_request(
             endpoint.target(call.path), endpoint.host_header, call.body, headers
         )
+        for fresh in (False, True):
+            conn = await self._connect(worker, fresh)
+            if conn.send(request):
+                return conn
+            # Closed by the worker while idle, found before a byte was written: the worker
+            # cannot have seen it, so a new connection costs it nothing.
+            self._client.release(worker.url, conn)
+            self._resends.inc()
+        raise AttemptFailed(
+            "connect", UpstreamFailed(f"worker {worker.id} closed every connection"), unseen=True
+        )
+
+    async def _connect(self, worker: Worker, fresh: bool) -> Connection:
         try:
-            conn = await self._client.connect(
-                worker.url, self._timeouts.connect_s, fresh, endpoint=endpoint, context=worker.ssl
+            return await self._client.connect(
+                worker.url,
+                self._timeouts.connect_s,
+                fresh,
+                endpoint=worker.endpoint,
+                context=worker.ssl,
             )
         except TimeoutError:
             raise AttemptFailed(
@@ -299,8 +328,6 @@ class Relay:
             raise AttemptFailed(
                 "connect", UpstreamFailed(f"worker {worker.id} unreachable: {exc}"), unseen=True
             ) from None
-        conn.send(request)
-        return conn
 
     async def _first_chunk(self, conn: Connection, deadline: float) -> bytes:
         try:

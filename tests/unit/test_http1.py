@@ -94,6 +94,36 @@ async def test_content_length_and_keep_alive_reuse(client: UpstreamClient) -> No
             assert again is conn  # kept alive and reused
 
 
+async def test_an_idle_connection_past_keepalive_is_closed_not_reused(
+    client: UpstreamClient,
+) -> None:
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            try:
+                await reader.readuntil(b"\r\n\r\n")
+                await reader.readexactly(2)
+            except asyncio.IncompleteReadError:
+                return
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    async with server:
+        loop = asyncio.get_running_loop()
+        conn = await client.connect(url, 5)
+        assert conn.send(format_request("/x", "h", b"{}", {}))
+        await conn.read_head(loop.time() + 5)
+        while await conn.read(loop.time() + 5):
+            pass
+        client.release(url, conn)
+        conn.idle_since -= client.keepalive_s + 1  # it sat idle longer than keepalive_s
+        again = await client.connect(url, 5)
+        assert again is not conn
+        assert conn.transport is None or conn.transport.is_closing()
+        again.close()
+
+
 async def test_body_until_close(client: UpstreamClient) -> None:
     server, url = await _serve([b"HTTP/1.1 200 OK\r\n\r\nall ", b"of it"], close_after=True)
     async with server:
