@@ -50,6 +50,18 @@ class MemoryState:
         reset = max(0.0, (burst - tokens) / rate_per_s)
         return BucketResult(allowed, max(0.0, tokens), retry, reset)
 
+    def set_level(self, key: str, tokens: float) -> None:
+        """Mirror a shared bucket's level (Redis told it), so a fallback to this one goes on
+        from there instead of from a full bucket."""
+        self._buckets[key] = (max(0.0, tokens), time.monotonic())
+        self._buckets.move_to_end(key)
+        while len(self._buckets) > self._max_entries:
+            self._buckets.popitem(last=False)
+
+    def hold_slot(self, key: str, holder: str, ttl_s: float) -> None:
+        """Mirror a slot taken in the shared backend, so local counting includes it."""
+        self._slots.setdefault(key, {})[holder] = time.monotonic() + ttl_s
+
     async def take(
         self, key: str, rate_per_s: float, burst: float, cost: float, *, force: bool = False
     ) -> BucketResult:

@@ -198,6 +198,9 @@ class RedisState:
         if reply is None:
             return self._local.take_now(key, rate_per_s, burst, cost, force)
         allowed, tokens = bool(int(reply[0])), float(reply[1])
+        # The local twin follows the shared level: a blip falls back to what is left, not to
+        # a fresh burst for every tenant.
+        self._local.set_level(key, tokens)
         retry = 0.0 if allowed else (cost - tokens) / rate_per_s
         return BucketResult(allowed, max(0.0, tokens), retry, max(0.0, burst - tokens) / rate_per_s)
 
@@ -215,11 +218,16 @@ class RedisState:
         )
         if reply is None:
             return await self._local.acquire_slot(key, limit, holder, ttl_s)
-        return bool(int(reply))
+        taken = bool(int(reply))
+        if taken:
+            # Counted locally too: during an outage this replica's own requests still in
+            # flight count against the share it then enforces.
+            self._local.hold_slot(key, holder, ttl_s)
+        return taken
 
     async def release_slot(self, key: str, holder: str) -> None:
         slot = (key, holder)
-        await self._local.release_slot(key, holder)  # a no-op unless it was taken here
+        await self._local.release_slot(key, holder)  # taken here, or its mirror
         if slot in self._local_only:
             del self._local_only[slot]
             return

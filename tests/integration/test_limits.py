@@ -9,7 +9,12 @@ import asyncio
 import aiohttp
 import redis.asyncio as aioredis
 
-from router.auth import hash_key
+from router.auth import Tenant, hash_key
+from router.config import TenantLimits
+from router.errors import RateLimited
+from router.metrics import GatewayMetrics
+from router.ratelimit import RateLimiter
+from router.state.keys import Keys
 from router.state.redis_state import RedisState
 from tests.conftest import GatewayFactory, SimFactory, chat_body, gateway_config, wait_for
 from tests.redis_server import RedisServer
@@ -73,12 +78,13 @@ async def test_slots_are_released_on_the_backend_that_took_them(
         assert await state.acquire_slot(key, 1, "in-redis", TTL_S)
         redis_server.pause()  # nothing answers, nothing is lost: a partition, not a restart
         try:
-            # The first call meets the outage: the slot is taken locally.
-            assert await state.acquire_slot(key, 1, "local", TTL_S)
+            # The first call meets the outage; the slot still held in Redis counts locally.
+            assert not await state.acquire_slot(key, 1, "local-0", TTL_S)
             assert not state.shared
-            assert not await state.acquire_slot(key, 1, "local-2", TTL_S)
             # Taken in Redis, released while it is away: the release must reach it later.
             await state.release_slot(key, "in-redis")
+            assert await state.acquire_slot(key, 1, "local", TTL_S)
+            assert not await state.acquire_slot(key, 1, "local-2", TTL_S)
         finally:
             redis_server.resume()
         await wait_for(lambda: state.shared, what="redis is shared again")
@@ -101,3 +107,68 @@ async def test_slots_are_released_on_the_backend_that_took_them(
     finally:
         await redis.aclose()
         await state.close()
+
+
+def _tenant(rpm: int) -> Tenant:
+    return Tenant(
+        name="t",
+        models=frozenset({"*"}),
+        priority="normal",
+        admin=False,
+        allow_routing_headers=False,
+        limits=TenantLimits(requests_per_minute=rpm),
+    )
+
+
+async def _admitted_count(limiter: RateLimiter, tenant: Tenant, tries: int) -> int:
+    admitted = 0
+    for _ in range(tries):
+        try:
+            await limiter.admit(tenant, 1, TTL_S)
+        except RateLimited:
+            continue
+        admitted += 1
+    return admitted
+
+
+async def test_a_redis_blip_does_not_hand_the_tenant_a_fresh_burst(
+    redis_server: RedisServer,
+) -> None:
+    state = RedisState(redis_server.url, timeout_s=0.05)
+    await state.start()
+    limiter = RateLimiter(state, Keys("pr:"), GatewayMetrics(lambda: []), local_share=1.0)
+    tenant = _tenant(rpm=5)
+    try:
+        assert await _admitted_count(limiter, tenant, 8) == 5  # the minute's budget, shared
+        redis_server.pause()
+        try:
+            # Redis is away: the local twin goes on from the shared level, not a full bucket.
+            assert await _admitted_count(limiter, tenant, 5) == 0
+            assert not state.shared
+        finally:
+            redis_server.resume()
+    finally:
+        await state.close()
+
+
+async def test_replicas_without_redis_admit_at_most_the_limit_in_total(
+    redis_server: RedisServer,
+) -> None:
+    # Two replicas, each enforcing local_share = 1/2 of the tenant's limit while Redis is down.
+    redis_server.pause()
+    states = [RedisState(redis_server.url, timeout_s=0.05) for _ in range(2)]
+    try:
+        for state in states:
+            await state.start()
+        limiters = [
+            RateLimiter(state, Keys("pr:"), GatewayMetrics(lambda: []), local_share=0.5)
+            for state in states
+        ]
+        tenant = _tenant(rpm=10)
+        admitted = [await _admitted_count(limiter, tenant, 20) for limiter in limiters]
+        assert not any(state.shared for state in states)
+        assert sum(admitted) <= 10 and admitted == [5, 5]
+    finally:
+        redis_server.resume()
+        for state in states:
+            await state.close()
