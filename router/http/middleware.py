@@ -8,6 +8,7 @@ metrics, the `/stats` tallies and one JSON access-log line, all keyed by bounded
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -57,6 +58,9 @@ def _from_http_exception(exc: web.HTTPException) -> GatewayError:
     return error
 
 
+CLIENT_GONE = 499
+
+
 @web.middleware
 async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
     request_id = new_request_id(request.headers.get("X-Request-Id"))
@@ -85,8 +89,10 @@ async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
         error = GatewayError("the request ran past its total deadline", code="timeout")
         error.status = 504
         return error_response(error, request_id)
-    except ConnectionResetError:
-        status = 499  # the client went away mid-response: nothing left to answer
+    except (ConnectionResetError, asyncio.CancelledError):
+        # The client went away (aiohttp cancels the handler when it hangs up): before or
+        # after the first byte, there is nothing left to answer. 499, as nginx counts it.
+        status = CLIENT_GONE
         raise
     except Exception:
         log.exception("unhandled error, request %s", request_id)
@@ -107,8 +113,8 @@ def _record(
     if result is not None and result.decision is not None:
         pool = state.registry.pools.get(model)
         policy = pool.policy.name if pool else "-"
-    if result is not None and result.status:
-        status = result.status
+    if result is not None and result.status and status != CLIENT_GONE:
+        status = result.status  # what the worker answered (a stream's 200 was sent early)
     m = state.metrics
     m.requests.labels(model, str(status), policy).inc()
     m.request_duration.labels(model).observe(elapsed)

@@ -8,10 +8,11 @@ import logging
 
 import aiohttp
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from router.auth import hash_key
 from router.logs import JsonFormatter, setup_logging
-from tests.conftest import MODEL, GatewayFactory, SimFactory, chat_body, gateway_config
+from tests.conftest import MODEL, GatewayFactory, SimFactory, chat_body, gateway_config, wait_for
 
 KEY = "pr-team-key-0123456789"
 HEADERS = {"Authorization": f"Bearer {KEY}"}
@@ -80,3 +81,41 @@ def test_log_level_comes_from_the_routing_yaml() -> None:
     finally:
         root.handlers[:], level = saved
         root.setLevel(level)
+
+
+async def test_a_client_that_hangs_up_is_a_499_before_and_after_the_first_byte(
+    sims: SimFactory,
+    gateway: GatewayFactory,
+    http: aiohttp.ClientSession,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="prefix_router.access")
+    (sim,) = await sims(1, time_scale=1.0)
+    url = await gateway(gateway_config([sim.url]))
+    chat = url + "/v1/chat/completions"
+    fault = {"kind": "hang_before_first_byte", "count": 1}
+    async with http.post(sim.url + "/sim/faults", json=fault) as r:
+        assert r.status == 200
+    timeout = aiohttp.ClientTimeout(total=0.3)
+    with pytest.raises(TimeoutError):  # hangs up while the worker has sent nothing
+        async with http.post(chat, json=chat_body(), timeout=timeout) as r:
+            await r.read()
+    async with http.post(chat, json=chat_body(stream=True, max_tokens=500)) as r:
+        assert r.status == 200
+        await r.content.readline()  # the first event came; then the client hangs up
+        r.close()
+
+    def logged() -> list[int]:
+        return [vars(record)["status"] for record in _records(caplog)]
+
+    await wait_for(lambda: len(logged()) == 2, what="both requests logged")
+    assert logged() == [499, 499]
+    async with http.get(url + "/metrics") as r:
+        text = await r.text()
+    hung_up = sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "prefix_router_requests_total" and sample.labels["status"] == "499"
+    )
+    assert hung_up == 2
