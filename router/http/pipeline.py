@@ -45,14 +45,21 @@ def priority_of(request: web.Request, tenant: Tenant) -> str:
     return tenant.priority
 
 
-def _choose_gate(state: GatewayState, pool: Pool) -> PoolGate:
-    """The pool itself, or its first fallback with room when it has none."""
+def _choose_gate(
+    state: GatewayState, pool: Pool, tenant: Tenant, prompt_tokens: int, max_tokens: int | None
+) -> PoolGate:
+    """The pool itself, or its first fallback with room when it has none. A fallback serves
+    only tenants allowed its model and requests within its own limits: falling back never
+    widens what a key may use or what a pool accepts."""
     gate = state.admission.gate(pool)
     if pool.candidates() and not gate.saturated:
         return gate
     for name in pool.config.fallback_pools:
         fallback = state.registry.pools.get(name)
-        if fallback is None:
+        if fallback is None or not tenant.may_use(fallback.name):
+            continue
+        limits = fallback.config
+        if prompt_tokens > limits.max_prompt_tokens or (max_tokens or 0) > limits.max_tokens_limit:
             continue
         fallback_gate = state.admission.gate(fallback)
         if fallback.candidates() and not fallback_gate.saturated:
@@ -90,8 +97,11 @@ async def forward_openai(
             param="messages" if kind == "chat" else "prompt",
             code="context_length_exceeded",
         )
-    gate = _choose_gate(state, pool)
-    pool = gate.pool
+    gate = _choose_gate(state, pool, tenant, prompt_tokens, max_tokens)
+    if gate.pool is not pool:
+        pool = gate.pool
+        # The fallback's workers may tokenize differently: its own key, if it is precise.
+        precise = pool.keyer.key(body, kind == "chat") if pool.keyer is not None else None
     charge = await state.limiter.admit(
         tenant, prompt_tokens + requested_tokens, state.config.timeouts.total_s
     )

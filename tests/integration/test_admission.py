@@ -129,6 +129,45 @@ async def test_fallback_pool_serves_when_primary_has_no_worker(
         assert (await r.json())["model"] == "test-llm"
 
 
+async def test_a_fallback_pool_keeps_the_tenants_allow_list_and_its_own_limits(
+    sims: SimFactory, gateway: GatewayFactory, http: aiohttp.ClientSession
+) -> None:
+    from router.auth import hash_key
+    from router.config import parse_config
+
+    workers = await sims(1)
+    keys = [
+        {"tenant": "wide", "sha256": hash_key("key-wide-0000000000"), "models": ["*"]},
+        {"tenant": "narrow", "sha256": hash_key("key-narrow-000000000"), "models": ["primary"]},
+    ]
+    config = parse_config(
+        {
+            "listen": {"host": "127.0.0.1", "port": 0},
+            "auth": {"enabled": True, "keys": keys},
+            "health": {"interval_s": 0.2},
+            "pools": {
+                "primary": {
+                    "workers": [{"url": "http://127.0.0.1:9"}],
+                    "fallback_pools": ["test-llm"],
+                },
+                "test-llm": {"workers": [{"url": workers[0].url}], "max_tokens_limit": 8},
+            },
+        }
+    )
+    url = await gateway(config)
+    chat = url + "/v1/chat/completions"
+
+    async def status(key: str, max_tokens: int) -> int:
+        headers = {"Authorization": f"Bearer {key}"}
+        body = chat_body(model="primary", max_tokens=max_tokens)
+        async with http.post(chat, json=body, headers=headers) as r:
+            return r.status
+
+    assert await status("key-wide-0000000000", 4) == 200
+    assert await status("key-narrow-000000000", 4) == 503  # may not use the fallback's model
+    assert await status("key-wide-0000000000", 100) == 503  # over the fallback's own limit
+
+
 async def _depths(http: aiohttp.ClientSession, url: str) -> dict[str, float]:
     async with http.get(url + "/metrics") as resp:
         text = await resp.text()
