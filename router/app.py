@@ -68,6 +68,12 @@ def build_app(
         ),
         config_path=config_path,
     )
+    state.limiter.tenant_labels = config.metrics.tenant_labels
+
+    def follow_metrics_config(new: GatewayConfig) -> None:
+        state.limiter.tenant_labels = new.metrics.tenant_labels
+
+    state.on_reload.append(follow_metrics_config)
     # The body limit is enforced by read_body with a clear 413; aiohttp's own cap sits above it.
     app = web.Application(middlewares=[edge], client_max_size=config.limits.max_body_bytes + 1)
     app[STATE] = state

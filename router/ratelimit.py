@@ -58,6 +58,8 @@ class RateLimiter:
         # sharing one would share a slot. The random prefix keeps replicas' ids apart in Redis.
         self._holder_prefix = uuid.uuid4().hex[:16]
         self._holder_seq = itertools.count(1)
+        self.tenant_labels = False
+        """Whether tenant names may appear as metric labels (`metrics.tenant_labels`)."""
 
     def _scale(self) -> float:
         return 1.0 if self._backend.shared else self._local_share
@@ -114,7 +116,8 @@ class RateLimiter:
         charge.headers[f"x-ratelimit-reset-{kind}"] = _duration(result.reset_s)
 
     def _deny(self, charge: Charge, kind: str, result: BucketResult | None) -> None:
-        self._metrics.rate_limited.labels(charge.tenant.name, kind).inc()
+        label = charge.tenant.name if self.tenant_labels else "-"
+        self._metrics.rate_limited.labels(label, kind).inc()
         retry = result.retry_after_s if result is not None else 1.0
         raise RateLimited(
             f"rate limit reached for {kind} of tenant {charge.tenant.name}; retry later",

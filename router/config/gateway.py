@@ -233,6 +233,17 @@ class StateConfig(Strict):
         return self
 
 
+class MetricsConfig(Strict):
+    """Who may read `/metrics`, and what its labels may say."""
+
+    public: bool = Field(
+        True, description="serve /metrics without a key (Prometheus scrapes); false: admin key"
+    )
+    tenant_labels: bool = Field(
+        False, description="label per-tenant series with tenant names (else `-`)"
+    )
+
+
 class GatewayConfig(Strict):
     listen: ListenConfig = Field(default_factory=ListenConfig)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
@@ -244,6 +255,7 @@ class GatewayConfig(Strict):
     load_scrape: LoadScrapeConfig = Field(default_factory=LoadScrapeConfig)
     outlier: OutlierConfig = Field(default_factory=OutlierConfig)
     retries: RetryConfig = Field(default_factory=RetryConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     debug_headers: bool = Field(False, description="add X-Route-* headers to every response")
     drain_timeout_s: float = Field(
         30.0, ge=0, description="on SIGTERM, how long in-flight requests may take to finish"

@@ -91,12 +91,15 @@ class Registry:
     def pools(self) -> dict[str, Pool]:
         return self._pools
 
-    def pool_for(self, model: object) -> Pool:
+    def pool_for(self, model: object, visible: Callable[[str], bool] = lambda _: True) -> Pool:
+        """The pool serving `model`; the error lists only the models of pools `visible`
+        (the caller's allow-list: a key learns nothing of models it may not use)."""
         pool = self._by_model.get(model) if isinstance(model, str) else None
         if pool is None:
+            names = sorted(m for m, p in self._by_model.items() if visible(p.name))
             raise ModelNotFound(
                 f"The model `{model}` does not exist. Available models: "
-                + ", ".join(sorted(self._by_model)),
+                + (", ".join(names) or "none for this key"),
                 param="model",
             )
         return pool

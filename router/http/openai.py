@@ -33,8 +33,9 @@ def allowed_pool(
 ) -> tuple[Pool, int | None]:
     """The pool serving the body's model, if the caller may use it; and the max tokens asked."""
     require_model(body)
-    pool = state.registry.pool_for(body.get("model"))
-    check_model(request[TENANT], pool.name)
+    tenant = request[TENANT]
+    pool = state.registry.pool_for(body.get("model"), tenant.may_use)
+    check_model(tenant, pool.name)
     return pool, check_fields(body, kind, pool.config.max_tokens_limit)
 
 
@@ -55,9 +56,12 @@ async def text_completions(request: web.Request) -> web.StreamResponse:
 
 async def list_models(request: web.Request) -> web.Response:
     state = state_of(request)
+    tenant = state.auth.authenticate(request.headers)  # 401 without a key, as vLLM answers
     now = int(state.started_at_wall or time.time())
     data = []
     for name, pool in state.registry.pools.items():
+        if not tenant.may_use(name):
+            continue
         for model in (name, *pool.config.aliases):
             data.append(
                 {

@@ -48,7 +48,10 @@ async def ready(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    body = state_of(request).metrics.render()
+    state = state_of(request)
+    if not state.config.metrics.public:
+        state.auth.require_admin(request.headers)
+    body = state.metrics.render()
     response = web.Response(body=body)
     response.headers["Content-Type"] = CONTENT_TYPE_LATEST
     return response

@@ -211,6 +211,7 @@ def _event(payload: dict[str, Any]) -> bytes:
 async def list_models(request: web.Request) -> web.Response:
     """One entry per pool; what a gateway cannot know (size, context length) is null."""
     state = state_of(request)
+    tenant = state.auth.authenticate(request.headers)
     models = [
         {
             "name": name,
@@ -222,5 +223,7 @@ async def list_models(request: web.Request) -> web.Response:
             "aliases": list(pool.config.aliases),
         }
         for name, pool in state.registry.pools.items()
+        if tenant.may_use(name)
     ]
-    return web.json_response({"models": models, "default_model": state.registry.models()[0]})
+    default = models[0]["name"] if models else None
+    return web.json_response({"models": models, "default_model": default})

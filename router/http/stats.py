@@ -40,6 +40,7 @@ def pool_facts(state: GatewayState) -> list[PoolFacts]:
 
 async def stats(request: web.Request) -> web.Response:
     state = state_of(request)
+    state.auth.require_admin(request.headers)  # fleet-wide figures: admin keys only
     facts = pool_facts(state)
     state.stats.forget_workers(w for f in facts for w in f.worker_ids)
     body = {

@@ -9,6 +9,7 @@ import pytest
 
 from router.auth import hash_key
 from router.cli import main
+from router.config import GatewayConfig
 from tests.conftest import MODEL, GatewayFactory, SimFactory, chat_body, gateway_config
 
 GOOD = "pr-good-key-0123456789"
@@ -72,3 +73,89 @@ def test_keys_cli(capsys: pytest.CaptureFixture[str]) -> None:
     assert digest == hash_key(key) and len(digest) == 64
     assert main(["keys", "hash", key]) == 0
     assert capsys.readouterr().out.strip() == digest
+
+
+ADMIN = "pr-admin-key-0123456789"
+
+
+def _two_pools(sim_url: str, **extra: object) -> GatewayConfig:
+    from router.config import parse_config
+
+    keys = [
+        {"tenant": "team-a", "sha256": hash_key(GOOD), "models": [MODEL]},
+        {"tenant": "ops", "sha256": hash_key(ADMIN), "admin": True},
+    ]
+    return parse_config(
+        {
+            "listen": {"host": "127.0.0.1", "port": 0},
+            "auth": {"enabled": True, "keys": keys},
+            "pools": {
+                MODEL: {"workers": [{"url": sim_url}]},
+                "secret-model": {"workers": [{"url": sim_url}]},
+            },
+            **extra,
+        }
+    )
+
+
+def _bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+async def test_model_listings_need_a_key_and_show_only_what_it_may_use(
+    sims: SimFactory, gateway: GatewayFactory, http: aiohttp.ClientSession
+) -> None:
+    (sim,) = await sims(1)
+    url = await gateway(_two_pools(sim.url))
+    for path in ("/v1/models", "/models"):
+        async with http.get(url + path) as r:
+            assert r.status == 401
+    async with http.get(url + "/v1/models", headers=_bearer(GOOD)) as r:
+        assert [m["id"] for m in (await r.json())["data"]] == [MODEL]
+    async with http.get(url + "/models", headers=_bearer(GOOD)) as r:
+        listing = await r.json()
+    assert [m["name"] for m in listing["models"]] == [MODEL] and listing["default_model"] == MODEL
+    async with http.get(url + "/v1/models", headers=_bearer(ADMIN)) as r:
+        assert {m["id"] for m in (await r.json())["data"]} == {MODEL, "secret-model"}
+    body = chat_body(model="no-such-model")
+    async with http.post(url + "/v1/chat/completions", json=body, headers=_bearer(GOOD)) as r:
+        message = (await r.json())["error"]["message"]
+    assert r.status == 404 and MODEL in message and "secret-model" not in message
+
+
+async def test_stats_need_an_admin_key_and_metrics_follow_metrics_public(
+    sims: SimFactory, gateway: GatewayFactory, http: aiohttp.ClientSession
+) -> None:
+    (sim,) = await sims(1)
+    open_metrics = await gateway(_two_pools(sim.url))
+    async with http.get(open_metrics + "/metrics") as r:
+        assert r.status == 200  # the default: Prometheus scrapes without a key
+    for headers, status in (({}, 401), (_bearer(GOOD), 403), (_bearer(ADMIN), 200)):
+        async with http.get(open_metrics + "/stats", headers=headers) as r:
+            assert r.status == status
+    closed = await gateway(_two_pools(sim.url, metrics={"public": False}))
+    for headers, status in (({}, 401), (_bearer(GOOD), 403), (_bearer(ADMIN), 200)):
+        async with http.get(closed + "/metrics", headers=headers) as r:
+            assert r.status == status
+
+
+@pytest.mark.parametrize("tenant_labels", [False, True])
+async def test_tenant_names_are_metric_labels_only_when_allowed(
+    tenant_labels: bool, sims: SimFactory, gateway: GatewayFactory, http: aiohttp.ClientSession
+) -> None:
+    (sim,) = await sims(1)
+    auth = {
+        "enabled": True,
+        "keys": [
+            {"tenant": "acme-corp", "sha256": hash_key(GOOD), "limits": {"requests_per_minute": 1}}
+        ],
+    }
+    config = gateway_config([sim.url], auth=auth, metrics={"tenant_labels": tenant_labels})
+    url = await gateway(config)
+    for _ in range(2):
+        async with http.post(url + "/v1/chat/completions", json=chat_body(), headers=_bearer(GOOD)):
+            pass
+    async with http.get(url + "/metrics") as r:
+        text = await r.text()
+    assert ('tenant="acme-corp"' in text) is tenant_labels
+    assert "prefix_router_rate_limited_total{" in text
