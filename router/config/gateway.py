@@ -158,6 +158,11 @@ class PoolConfig(Strict):
         "the cost per million tokens",
     )
 
+    @property
+    def session_ttl_s(self) -> float | None:
+        """How long the pool's sticky sessions last (hybrid's setting), if it keeps any."""
+        return self.policy.session_ttl_s if isinstance(self.policy, HybridPolicy) else None
+
     @model_validator(mode="after")
     def _unique_workers(self) -> PoolConfig:
         urls = [w.url for w in self.workers]

@@ -124,8 +124,14 @@ async def forward_openai(
             call.transform = transform
             session = call.routing.session_id
             if session is not None:
-                call.routing.session_worker = await state.fleet.session_worker(pool.name, session)
-            call.on_decision = lambda decision: _share_decision(state, decision, session)
+                # Sessions are the tenant's own: two tenants' equal ids are two sessions.
+                call.routing.session_id = f"{tenant.name}\x1f{session}"
+                call.routing.session_worker = await state.fleet.session_worker(
+                    pool.name, tenant.name, session
+                )
+            call.on_decision = lambda decision: _share_decision(
+                state, decision, tenant.name, session
+            )
             if not pool.config.result_cache.enabled or not is_deterministic(body):
                 return await relay(request, state, call, result)
             return await _through_result_cache(
@@ -136,11 +142,15 @@ async def forward_openai(
         await charge.settle(usage.prompt_tokens + usage.completion_tokens if usage else None)
 
 
-def _share_decision(state: GatewayState, decision: Decision, session: str | None) -> None:
+def _share_decision(
+    state: GatewayState, decision: Decision, tenant: str, session: str | None
+) -> None:
     """Tell the other replicas where this request goes (sessions and index inserts)."""
     worker = decision.worker
     if session is not None:
-        state.fleet.remember_session(worker.pool, session, worker.id)
+        pool = state.registry.pools.get(worker.pool)
+        ttl_s = pool.config.session_ttl_s if pool is not None else None
+        state.fleet.remember_session(worker.pool, tenant, session, worker.id, ttl_s)
     if decision.block_keys:
         state.fleet.publish_insert(worker.pool, worker.id, decision.block_keys)
 

@@ -131,6 +131,7 @@ class Discovery:
         # Per-record errors (a key of the wrong type) come back as values, not one raise.
         replies = await pipe.execute(raise_on_error=False) if ids else []
         records: dict[str, tuple[Record, Record | None]] = {}
+        lapsed = []
         for i, worker_id in enumerate(ids):
             registration, load = replies[2 * i], replies[2 * i + 1]
             if not isinstance(registration, dict):
@@ -138,6 +139,12 @@ class Discovery:
                 continue
             if registration:
                 records[worker_id] = (registration, load if isinstance(load, dict) else None)
+            else:
+                lapsed.append(worker_id)
+        if lapsed:
+            # An agent that died leaves its id behind: without this the set only grows. A live
+            # agent adds its id back with every heartbeat, after its registration.
+            await client.srem(self._keys.workers(pool_name), *lapsed)
         return records
 
     def _apply(self, pool_name: str, records: dict[str, tuple[Record, Record | None]]) -> None:

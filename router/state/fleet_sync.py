@@ -53,17 +53,23 @@ class FleetSync:
 
     # -- sessions -------------------------------------------------------------------------------
 
-    async def session_worker(self, pool: str, session: str) -> str | None:
+    async def session_worker(self, pool: str, tenant: str, session: str) -> str | None:
         if not self._backend.shared:
             return None
-        return await self._backend.get_session(self._keys.session(pool, session))
+        return await self._backend.get_session(self._keys.session(pool, tenant, session))
 
-    def remember_session(self, pool: str, session: str, worker_id: str) -> None:
+    def remember_session(
+        self, pool: str, tenant: str, session: str, worker_id: str, ttl_s: float | None
+    ) -> None:
+        """Write the session's worker in the background, for `ttl_s` (the pool's
+        `session_ttl_s`; the default when its policy has none)."""
         if not self._backend.shared:
             return
         task = asyncio.create_task(
             self._backend.set_session(
-                self._keys.session(pool, session), worker_id, self._session_ttl_s
+                self._keys.session(pool, tenant, session),
+                worker_id,
+                ttl_s if ttl_s is not None else self._session_ttl_s,
             )
         )
         self._background.add(task)

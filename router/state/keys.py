@@ -7,8 +7,9 @@ fleets. Values are plain strings and numbers so any tool can inspect them with r
 - `{p}worker:{id}` (hash, agent, heartbeat TTL, rewritten every interval): url (base URL, no
   `/v1`), model, block_size and num_gpu_blocks (from `vllm:cache_config_info`; absent until the
   worker reported them), agent_started_at (unix seconds).
-- `{p}workers:{model}` (set, agent, no TTL): ids of workers registered for a model; readers drop
-  ids whose `{p}worker:{id}` has expired.
+- `{p}workers:{model}` (set, agent, no TTL): ids of workers registered for a model; gateways
+  remove ids whose `{p}worker:{id}` has expired (the agent died), and a live agent adds its id
+  back with every heartbeat.
 - `{p}load:{id}` (hash, agent, heartbeat TTL): running, waiting (ints), kv_usage (0-1),
   prefix_hits, prefix_queries (vLLM's token counters, monotonic until the worker restarts), ts
   (unix seconds of the scrape).
@@ -28,7 +29,8 @@ fleets. Values are plain strings and numbers so any tool can inspect them with r
   holds now, so a gateway that starts late rebuilds its view, then follows the stream (read the
   stream's last id first, then the snapshot, then XREAD from that id; replaying entries the
   snapshot already reflects is harmless, since they are set operations).
-- `{p}session:{model}:{session}` (string, gateway, SESSION_TTL_S): the session's worker id.
+- `{p}session:{model}:{tenant}:{session}` (string, gateway, the pool's `session_ttl_s`): the
+  session's worker id. Scoped by tenant: two tenants' equal session ids are two sessions.
 - `{p}idx:{model}` (stream, gateway, MAXLEN ~IDX_STREAM_MAXLEN): approximate index inserts with
   fields replica, worker, keys (space-separated ints).
 - `{p}rl:{tenant}:{limit}` (gateway, Lua script, window TTL): rate-limit state.
@@ -67,8 +69,8 @@ class Keys:
     def kv_snapshot(self, worker_id: str) -> str:
         return f"{self.prefix}kvsnap:{worker_id}"
 
-    def session(self, model: str, session: str) -> str:
-        return f"{self.prefix}session:{model}:{session}"
+    def session(self, model: str, tenant: str, session: str) -> str:
+        return f"{self.prefix}session:{model}:{tenant}:{session}"
 
     def index_stream(self, model: str) -> str:
         return f"{self.prefix}idx:{model}"

@@ -67,6 +67,50 @@ async def test_registered_worker_is_discovered_and_lapsed_one_leaves(
         await redis.aclose()
 
 
+async def test_a_dead_agents_id_leaves_the_workers_set(
+    gateway: GatewayFactory, redis_url: str
+) -> None:
+    keys = Keys()
+    redis = aioredis.Redis.from_url(redis_url)
+    try:
+        await redis.sadd(keys.workers(MODEL), "died-long-ago")  # no registration any more
+        await gateway(gateway_config([], state=_state(redis_url)))
+
+        async def removed() -> bool:
+            return not await redis.sismember(keys.workers(MODEL), "died-long-ago")
+
+        await wait_for(removed, what="discovery removed the lapsed id")
+    finally:
+        await redis.aclose()
+
+
+async def test_session_keys_use_the_pools_ttl_and_the_tenants_scope(
+    sims: SimFactory, gateway: GatewayFactory, http: aiohttp.ClientSession, redis_url: str
+) -> None:
+    (sim,) = await sims(1)
+    keys = Keys()
+    redis = aioredis.Redis.from_url(redis_url)
+    auth = {"enabled": True, "keys": [{"tenant": "team-a", "sha256": hash_key(KEY)}]}
+    pool = {"policy": {"name": "hybrid", "session_ttl_s": 120}}
+    try:
+        url = await gateway(
+            gateway_config([sim.url], state=_state(redis_url), auth=auth, pool=pool)
+        )
+        headers = {"Authorization": f"Bearer {KEY}", "X-Session-Id": "s1"}
+        async with http.post(url + "/v1/chat/completions", json=chat_body(), headers=headers) as r:
+            assert r.status == 200
+        key = keys.session(MODEL, "team-a", "s1")
+
+        async def written() -> bool:
+            return bool(await redis.exists(key))
+
+        await wait_for(written, what="the session written to Redis")
+        assert 100 < await redis.ttl(key) <= 120
+        assert not await redis.exists(f"pr:session:{MODEL}:s1")
+    finally:
+        await redis.aclose()
+
+
 async def _metric_is(http: aiohttp.ClientSession, url: str, name: str, value: float) -> bool:
     return await _metric(http, url, name) == value
 
