@@ -17,8 +17,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import os
-import subprocess
 import sys
 from typing import Any
 
@@ -31,6 +29,7 @@ from loadtest.procs import (
     Proc,
     call_all,
     free_port,
+    spawn,
     start_gateway_process,
     start_redis,
     start_sim,
@@ -62,10 +61,7 @@ def start_agent(sim: Proc, pub_port: int, replay_port: int, redis_url: str, wid:
         "--model", MODEL,
         "--interval-s", "0.5",
     ]  # fmt: skip
-    log_path = f"/tmp/prefix-router-bench-agent-{wid}-{os.getpid()}.log"
-    log = open(log_path, "wb")  # noqa: SIM115 - the child process owns it until it exits
-    popen = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
-    return Proc(url=sim.url, popen=popen, log_path=log_path)
+    return spawn(args, sim.url, f"agent-{wid}")
 
 
 def _stretch(text: str, repeat: int) -> str:

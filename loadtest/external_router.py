@@ -16,7 +16,7 @@ import time
 
 import aiohttp
 
-from loadtest.procs import Proc, _spawn, free_port
+from loadtest.procs import Proc, free_port, spawn
 
 
 def parse_routers(cmds: list[str] | None, names: list[str] | None) -> list[tuple[str, str]]:
@@ -40,7 +40,7 @@ def start_external(template: str, worker_urls: list[str], model: str) -> Proc:
         workers_csv=",".join(worker_urls),
         model=model,
     )
-    return _spawn(shlex.split(line), f"http://127.0.0.1:{port}", f"ext{port}")
+    return spawn(shlex.split(line), f"http://127.0.0.1:{port}", f"ext{port}")
 
 
 async def wait_external(proc: Proc, model: str, timeout_s: float = 90.0) -> None:

@@ -65,7 +65,7 @@ def start_redis() -> Proc:
         "--appendonly",
         "no",
     ]
-    proc = _spawn(args, f"redis://127.0.0.1:{port}/0", f"redis{port}")
+    proc = spawn(args, f"redis://127.0.0.1:{port}/0", f"redis{port}")
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         try:
@@ -121,17 +121,19 @@ class Fleet:
             proc.stop()
 
 
-def _spawn(args: list[str], url: str, name: str) -> Proc:
+def spawn(args: list[str], url: str, name: str) -> Proc:
+    """Start a benchmark process with its output in its own log file (the child keeps its
+    copy of the file; ours is closed at once)."""
     log_path = f"/tmp/prefix-router-bench-{name}-{os.getpid()}.log"
-    log = open(log_path, "wb")  # noqa: SIM115 - the child process owns it until it exits
-    popen = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+    with open(log_path, "wb") as log:
+        popen = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
     return Proc(url=url, popen=popen, log_path=log_path)
 
 
 def start_sim(model: str, extra: list[str] | None = None, port: int | None = None) -> Proc:
     port = port or free_port()
     args = [sys.executable, "-m", "workers", "sim", "--port", str(port), "--model", model]
-    return _spawn(args + (extra or []), f"http://127.0.0.1:{port}", f"sim{port}")
+    return spawn(args + (extra or []), f"http://127.0.0.1:{port}", f"sim{port}")
 
 
 def start_gateway_process(config: dict[str, Any]) -> Proc:
@@ -141,7 +143,7 @@ def start_gateway_process(config: dict[str, Any]) -> Proc:
         yaml.safe_dump(config, f)
     port = free_port()
     args = [sys.executable, "-m", "router", "serve", "--config", f.name, "--port", str(port)]
-    proc = _spawn(args, f"http://127.0.0.1:{port}", f"gw{port}")
+    proc = spawn(args, f"http://127.0.0.1:{port}", f"gw{port}")
     proc.files.append(f.name)
     return proc
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import sys
 
 BENCHMARKS = {
     "overhead": "loadtest.bench_overhead",
@@ -14,7 +15,19 @@ BENCHMARKS = {
 }
 
 
+INSTALL_HINT = (
+    "the benchmarks are not installed here: pip install 'prefix-router[bench]' from a checkout "
+    "of the repository (the production image carries only the gateway and worker tools)"
+)
+
+
 def run_bench(name: str, argv: list[str]) -> int:
-    module = importlib.import_module(BENCHMARKS[name])
+    try:
+        module = importlib.import_module(BENCHMARKS[name])
+    except ModuleNotFoundError as exc:
+        if exc.name is None or not exc.name.startswith(("loadtest", "locust", "matplotlib")):
+            raise
+        print(f"prefix-router bench {name}: {INSTALL_HINT} (missing: {exc.name})", file=sys.stderr)
+        return 2
     result: int = module.run(argv)
     return result

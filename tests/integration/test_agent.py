@@ -161,7 +161,8 @@ async def snapshot(redis: Redis, worker: str = WORKER) -> set[int]:
 
 
 async def stream(redis: Redis) -> list[dict[str, str]]:
-    return [fields for _, fields in await redis.xrange(KEYS.kv_stream(MODEL))]
+    entries: Any = await redis.xrange(KEYS.kv_stream(MODEL))
+    return [fields for _, fields in entries]
 
 
 def replay_stream(entries: list[dict[str, str]], worker: str = WORKER) -> set[int]:
@@ -498,7 +499,8 @@ async def test_the_sim_publishes_vllm_frames_and_sources(
     dealer.connect(publisher.replay_endpoint or "")
     try:
         await dealer.send_multipart([b"", encode_seq(0)])
-        seqs, stored_hashes = [], set()
+        seqs: list[int] = []
+        stored_hashes: set[int] = set()
         while True:
             frames = await asyncio.wait_for(dealer.recv_multipart(), 10.0)
             if frames[2] == b"\xff" * 8:  # >= 0.26 end marker: b"", b"", END_SEQ, b""

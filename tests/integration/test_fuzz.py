@@ -28,13 +28,15 @@ def _wait_ready(url: str, path: str) -> None:
     deadline = time.monotonic() + 30
     host, port = url.removeprefix("http://").split(":")
     while time.monotonic() < deadline:
+        conn = http.client.HTTPConnection(host, int(port), timeout=2)
         try:
-            conn = http.client.HTTPConnection(host, int(port), timeout=2)
             conn.request("GET", path)
             if conn.getresponse().status == 200:
                 return
         except OSError:
             pass
+        finally:
+            conn.close()
         time.sleep(0.05)  # polling a process we started; not synchronizing test logic
     raise AssertionError(f"{url}{path} not ready")
 

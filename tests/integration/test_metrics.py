@@ -101,7 +101,9 @@ async def test_metrics_cover_traffic_errors_and_retries(
     assert _total(samples, "prefix_router_request_duration_seconds_count") >= 6
     assert _total(samples, "prefix_router_inter_token_seconds_count") >= 2  # 8 tokens a stream
     assert _total(samples, "prefix_router_gateway_overhead_seconds_count") >= 5
-    assert _total(samples, "prefix_router_gateway_overhead_seconds_sum") >= 0
+    # What the gateway added: some time, and less than the requests took end to end.
+    overhead_s = _total(samples, "prefix_router_gateway_overhead_seconds_sum")
+    assert 0 < overhead_s < _total(samples, "prefix_router_request_duration_seconds_sum")
     assert _total(samples, "prefix_router_prompt_tokens_total") > 0
     assert _total(samples, "prefix_router_completion_tokens_total") >= 5 * 8
     assert _total(samples, "prefix_router_routing_decisions_total", reason="round_robin") >= 5
@@ -110,7 +112,7 @@ async def test_metrics_cover_traffic_errors_and_retries(
     assert _total(samples, "prefix_router_worker_state", state="ejected") == 1
     assert _total(samples, "prefix_router_worker_state", state="healthy") == 2
     assert _total(samples, "prefix_router_worker_in_flight") == 0
-    assert _total(samples, "prefix_router_redis_up") in (0.0, 1.0)
+    assert _total(samples, "prefix_router_redis_up") == 0.0  # the memory backend shares nothing
 
     leaked = [
         (name, labels)

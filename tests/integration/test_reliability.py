@@ -44,7 +44,9 @@ async def test_client_hangup_cancels_the_upstream_sequence(
 
     async def freed() -> bool:
         c = await _counters(http, sim)
-        return c["running"] == 0 and c["aborted"] == 1 and c["free_blocks"] == c["num_gpu_blocks"]
+        return bool(
+            c["running"] == 0 and c["aborted"] == 1 and c["free_blocks"] == c["num_gpu_blocks"]
+        )
 
     await wait_for(freed, what="the worker aborted the sequence and freed its blocks")
     assert (await _counters(http, sim))["generation_tokens"] < 2000
@@ -121,7 +123,7 @@ async def test_hung_worker_is_ejected_then_readmitted(
     async def serving_again() -> bool:
         async with http.post(url + "/v1/chat/completions", json=chat_body("again")) as resp:
             assert resp.status == 200
-        return (await _counters(http, hung))["finished"] > before
+        return bool((await _counters(http, hung))["finished"] > before)
 
     await wait_for(serving_again, what="the recovered worker gets traffic again")
 
@@ -162,7 +164,7 @@ async def test_overloaded_pool_caps_max_tokens(
 
 
 async def _running_is(http: aiohttp.ClientSession, sim: SimHandle, n: int) -> bool:
-    return (await _counters(http, sim))["running"] == n
+    return bool((await _counters(http, sim))["running"] == n)
 
 
 async def test_in_flight_and_backlog_return_to_zero_after_every_kind_of_ending(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import aiohttp
 
 from tests.conftest import GatewayFactory, SimFactory, chat_body, gateway_config, wait_for
@@ -23,7 +25,7 @@ async def test_second_turn_on_replica_b_lands_where_replica_a_routed(
         urls.append(await gateway(config))
     a, b = urls
     for url in urls:
-        await wait_for(lambda url=url: _all_ready(http, url, 4), what="replica sees 4 workers")
+        await wait_for(partial(_all_ready, http, url, 4), what="replica sees 4 workers")
     for n in range(6):
         session = {"X-Session-Id": f"conversation-{n}"}
         first = chat_body(f"session {n} opening question about topic {n * 7}")
@@ -57,7 +59,7 @@ async def test_inserts_naming_a_worker_this_replica_does_not_know_are_ignored(
 ) -> None:
     import redis.asyncio as aioredis
 
-    from router.app import STATE
+    from router.http.context import STATE
     from router.routing.hybrid import HybridCost
     from router.serve import start_gateway
     from router.state.keys import Keys

@@ -56,7 +56,9 @@ async def test_an_odd_request_id_is_replaced_and_leaks_no_connection(
     url = await gateway(config)
     async with http.post(url + "/v1/chat/completions", json=chat_body()) as resp:
         assert resp.status == 200  # warm: the relay now keeps one connection to the worker
-    connections = len(sim.runner.server.connections)
+    server = sim.runner.server
+    assert server is not None
+    connections = len(server.connections)
     for _ in range(10):
         status, headers = await _raw_post(url, request_id)
         assert status.startswith(b"HTTP/1.1 200 "), status
@@ -64,4 +66,4 @@ async def test_an_odd_request_id_is_replaced_and_leaks_no_connection(
         assert replacement.isascii() and replacement.isprintable()
         assert replacement.encode() != request_id
     # Every request went out on the kept-alive connection: none was left open and forgotten.
-    assert len(sim.runner.server.connections) <= connections
+    assert len(server.connections) <= connections

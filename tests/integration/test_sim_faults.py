@@ -16,7 +16,8 @@ import aiohttp
 import pytest
 
 from tests.conftest import wait_for
-from tests.integration.test_sim_worker import MODEL, counters, read_sse
+from tests.integration.conftest import SIM_MODEL as MODEL
+from tests.integration.test_sim_worker import counters, read_sse
 from workers.sim.config import SimConfig
 from workers.sim.fault_spec import parse_fault_spec
 from workers.sim.runner import SimHandle, start_sim_worker

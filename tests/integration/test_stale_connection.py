@@ -16,6 +16,7 @@ import aiohttp
 import pytest
 
 from tests.conftest import MODEL, GatewayFactory, SimFactory, chat_body, gateway_config
+from tests.raw_server import raw_server
 
 ANSWER = json.dumps(
     {
@@ -71,9 +72,8 @@ class IdleClosingWorker:
 @pytest.fixture
 async def worker_url() -> AsyncIterator[tuple[IdleClosingWorker, str]]:
     worker = IdleClosingWorker()
-    server = await asyncio.start_server(worker.handle, "127.0.0.1", 0)
-    async with server:
-        yield worker, f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    async with raw_server(worker.handle) as url:
+        yield worker, url
 
 
 async def test_a_request_the_worker_may_have_read_is_not_resent_to_it_but_retried_elsewhere(

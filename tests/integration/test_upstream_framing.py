@@ -18,6 +18,7 @@ import aiohttp
 import pytest
 
 from tests.conftest import MODEL, GatewayFactory, chat_body, gateway_config
+from tests.raw_server import raw_server
 
 GOOD_BODY = json.dumps(
     {
@@ -103,9 +104,8 @@ async def _reset_mid_body(worker: ScriptedWorker, writer: asyncio.StreamWriter) 
 @pytest.fixture
 async def scripted() -> AsyncIterator[tuple[ScriptedWorker, str]]:
     worker = ScriptedWorker()
-    server = await asyncio.start_server(worker.handle, "127.0.0.1", 0)
-    async with server:
-        yield worker, f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    async with raw_server(worker.handle) as url:
+        yield worker, url
 
 
 BAD_REPLIES: dict[str, object] = {

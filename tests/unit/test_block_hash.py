@@ -34,7 +34,7 @@ SALT_VECTORS = [
 
 @pytest.mark.parametrize(("algo", "seed", "none_prefix", "block1", "block2"), CHAIN_VECTORS)
 def test_chain_vectors(algo: str, seed: str, none_prefix: str, block1: int, block2: int) -> None:
-    root = none_hash(algo, seed)  # type: ignore[arg-type]
+    root = none_hash(algo, seed)
     assert len(root) == 32
     assert root.hex().startswith(none_prefix)
     hashes = block_hashes(TOKENS, 16, algo, seed)  # type: ignore[arg-type]

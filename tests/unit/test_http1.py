@@ -4,14 +4,18 @@ split at every awkward boundary."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 
 import pytest
 
 from router.upstream.http1 import UpstreamClient, UpstreamProtocolError, format_request
+from tests.raw_server import raw_server
 
 
-async def _serve(pieces: list[bytes], close_after: bool = False) -> tuple[asyncio.Server, str]:
+def _serve(
+    pieces: list[bytes], close_after: bool = False
+) -> contextlib.AbstractAsyncContextManager[str]:
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.readuntil(b"\r\n\r\n")
         for piece in pieces:
@@ -23,9 +27,7 @@ async def _serve(pieces: list[bytes], close_after: bool = False) -> tuple[asynci
         else:
             await reader.read()  # keep the connection until the client closes it
 
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    return server, f"http://127.0.0.1:{port}"
+    return raw_server(handle)
 
 
 @pytest.fixture
@@ -59,8 +61,7 @@ CHUNKED = (
 
 
 async def test_chunked_body_split_byte_by_byte(client: UpstreamClient) -> None:
-    server, url = await _serve(_bytewise(CHUNKED))
-    async with server:
+    async with _serve(_bytewise(CHUNKED)) as url:
         status, body, reusable = await _fetch(client, url)
     assert status == 200
     assert body == b"data: a\n\ndata: bc"
@@ -78,9 +79,7 @@ async def test_content_length_and_keep_alive_reuse(client: UpstreamClient) -> No
             await writer.drain()
         await reader.read()
 
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
-    async with server:
+    async with raw_server(handle) as url:
         conn = await client.connect(url, 5)
         for _ in range(2):
             conn.send(format_request("/x", "h", b"{}", {}))
@@ -107,9 +106,7 @@ async def test_an_idle_connection_past_keepalive_is_closed_not_reused(
             writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
             await writer.drain()
 
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
-    async with server:
+    async with raw_server(handle) as url:
         loop = asyncio.get_running_loop()
         conn = await client.connect(url, 5)
         assert conn.send(format_request("/x", "h", b"{}", {}))
@@ -125,30 +122,26 @@ async def test_an_idle_connection_past_keepalive_is_closed_not_reused(
 
 
 async def test_body_until_close(client: UpstreamClient) -> None:
-    server, url = await _serve([b"HTTP/1.1 200 OK\r\n\r\nall ", b"of it"], close_after=True)
-    async with server:
+    async with _serve([b"HTTP/1.1 200 OK\r\n\r\nall ", b"of it"], close_after=True) as url:
         status, body, reusable = await _fetch(client, url)
     assert (status, body, reusable) == (200, b"all of it", False)
 
 
 async def test_connection_lost_mid_chunk_is_an_error(client: UpstreamClient) -> None:
     cut = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n10\r\nonly half"
-    server, url = await _serve([cut], close_after=True)
-    async with server:
+    async with _serve([cut], close_after=True) as url:
         with pytest.raises(ConnectionError):
             await _fetch(client, url)
 
 
 async def test_garbage_is_a_protocol_error(client: UpstreamClient) -> None:
-    server, url = await _serve([b"SSH-2.0-OpenSSH\r\n\r\n"])
-    async with server:
+    async with _serve([b"SSH-2.0-OpenSSH\r\n\r\n"]) as url:
         with pytest.raises(UpstreamProtocolError):
             await _fetch(client, url)
 
 
 async def test_a_silent_worker_times_out(client: UpstreamClient) -> None:
-    server, url = await _serve([])
-    async with server:
+    async with _serve([]) as url:
         conn = await client.connect(url, 5)
         conn.send(format_request("/x", "h", b"{}", {}))
         with pytest.raises(TimeoutError):

@@ -103,7 +103,7 @@ def test_removed_round_trips_in_both_forms() -> None:
         ts=1.25, events=(BlockRemoved((HASH_1,), "GPU"), BlockRemoved((7,), None, 0)), dp_rank=None
     )
     for fmt in ("map", "array"):
-        assert decode_batch(encode_batch(batch, fmt)) == batch  # type: ignore[arg-type]
+        assert decode_batch(encode_batch(batch, fmt)) == batch
     raw = msgpack.unpackb(encode_batch(batch), raw=False)
     assert raw[1][0] == {"type": "BlockRemoved", "block_hashes": [HASH_1], "medium": "GPU"}
 

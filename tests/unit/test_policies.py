@@ -128,7 +128,7 @@ def test_prefix_low_match_goes_least_loaded() -> None:
 
 
 def hybrid(seed: int = 5, **kw: float) -> HybridCost:
-    return HybridCost(HybridPolicy(**kw), INDEX, random.Random(seed))  # type: ignore[arg-type]
+    return HybridCost(HybridPolicy(**kw), INDEX, random.Random(seed))
 
 
 def test_hybrid_prefers_cached_prefix() -> None:

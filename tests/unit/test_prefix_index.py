@@ -15,7 +15,7 @@ BACKENDS = ["flat", "pygtrie"]
 def make(backend: str, **kw: int) -> PrefixIndex:
     return PrefixIndex(
         IndexConfig(block_chars=4, dense_blocks=kw.pop("dense_blocks", 64), backend=backend, **kw)
-    )  # type: ignore[arg-type]
+    )
 
 
 def text(prefix: str, n_blocks: int) -> str:

@@ -102,7 +102,8 @@ def test_hf_tokenizer_renders_like_apply_chat_template(tokenizer_file: Path) -> 
     ids = tok.encode_chat(MESSAGES)
     # The template writes the BOS itself, so chat prompts add no special tokens (vLLM does so).
     assert ids == raw.encode(text, add_special_tokens=False).ids
-    assert ids[0] == raw.token_to_id("<s>") and ids.count(raw.token_to_id("<s>")) == 1
+    bos = raw.token_to_id("<s>")
+    assert bos is not None and ids[0] == bos and ids.count(bos) == 1
     assert raw.token_to_id("<|im_start|>") in ids  # specials are single tokens
     # A completions prompt string gets the tokenizer's special tokens (the BOS).
     assert tok.encode_text("hello there") == raw.encode("hello there").ids
@@ -185,7 +186,7 @@ SALTED = {
 def test_precise_key_reproduces_the_fact_sheet_vectors(
     algo: str, seed: str, expected: list[int]
 ) -> None:
-    config = PreciseConfig(tokenizer="word", hash_algo=algo, hash_seed=seed)  # type: ignore[arg-type]
+    config = PreciseConfig(tokenizer="word", hash_algo=algo, hash_seed=seed)
     keyer = PreciseKeyer(config)
     key = keyer.key({"prompt": [*range(1, 33), 99]}, chat=False)
     assert key is not None and key.prompt_tokens == 33

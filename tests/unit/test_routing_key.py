@@ -17,7 +17,7 @@ def test_next_turn_extends_previous_key() -> None:
         {"role": "user", "content": "Hi"},
     ]
     key1 = routing_key(chat(first), "chat")
-    second = [
+    second: list[dict[str, Any]] = [
         *first,
         {"role": "assistant", "content": "Hello."},
         {"role": "user", "content": [{"type": "text", "text": "Weather?"}]},
@@ -51,7 +51,7 @@ def test_tools_are_included_first_and_deterministic() -> None:
 
 
 def test_tool_calls_and_results_are_included() -> None:
-    msgs = [
+    msgs: list[dict[str, Any]] = [
         {"role": "user", "content": "weather?"},
         {
             "role": "assistant",
@@ -105,6 +105,7 @@ def test_odd_but_valid_input_never_raises() -> None:
     ]
     for body in odd:
         assert isinstance(routing_key(body, "chat"), str)
+    prompt: object
     for prompt in (None, [], "", [[]], 3):
         assert isinstance(routing_key({"prompt": prompt}, "completions"), str)
 

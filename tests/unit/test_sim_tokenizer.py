@@ -64,7 +64,7 @@ def test_next_turn_prompt_extends_previous_prompt(tools: list[object] | None) ->
 
 
 def test_rendering_is_deterministic_and_role_aware() -> None:
-    messages = [
+    messages: list[dict[str, object]] = [
         {"role": "user", "content": "hi"},
         {"role": "assistant", "content": None, "tool_calls": [{"b": 1, "a": 2}]},
     ]
