@@ -30,7 +30,9 @@ class TextEncoder(Protocol):
 
 
 class ChatRenderer(Protocol):
-    def render(self, messages: Any, tools: Any, add_generation_prompt: bool) -> str: ...
+    def render(
+        self, messages: Any, tools: Any, add_generation_prompt: bool, continue_final: bool
+    ) -> str: ...
 
 
 class _WordEncoder:
@@ -44,7 +46,11 @@ class _WordEncoder:
 
 
 class _WordTemplate:
-    def render(self, messages: Any, tools: Any, add_generation_prompt: bool) -> str:
+    def render(
+        self, messages: Any, tools: Any, add_generation_prompt: bool, continue_final: bool
+    ) -> str:
+        # The word template ends every message in whitespace, which tokenizes to nothing:
+        # continuing the final message renders the same tokens as closing it.
         return render_chat(messages, tools, add_generation_prompt)
 
 
@@ -109,9 +115,21 @@ class JinjaChatTemplate:
         }
         self._template_error: type[Exception] = TemplateError
 
-    def render(self, messages: Any, tools: Any, add_generation_prompt: bool) -> str:
+    def render(
+        self, messages: Any, tools: Any, add_generation_prompt: bool, continue_final: bool
+    ) -> str:
         if not isinstance(messages, list) or not messages:
             raise PromptError("'messages' must be a non-empty list")
+        text = self._render(messages, tools, add_generation_prompt)
+        final = messages[-1].get("content") if isinstance(messages[-1], dict) else None
+        if continue_final and isinstance(final, str) and final:
+            # As vLLM continues a final message: cut what the template wrote after its text.
+            end = text.rfind(final)
+            if end >= 0:
+                text = text[: end + len(final)]
+        return text
+
+    def _render(self, messages: Any, tools: Any, add_generation_prompt: bool) -> str:
         try:
             return self._template.render(
                 messages=messages,
@@ -149,9 +167,13 @@ class PromptTokenizer:
         self._renderer = renderer
 
     def encode_chat(
-        self, messages: Any, tools: Any = None, add_generation_prompt: bool = True
+        self,
+        messages: Any,
+        tools: Any = None,
+        add_generation_prompt: bool = True,
+        continue_final: bool = False,
     ) -> list[int]:
-        text = self._renderer.render(messages, tools, add_generation_prompt)
+        text = self._renderer.render(messages, tools, add_generation_prompt, continue_final)
         return self._encoder.encode(text, False)
 
     def encode_text(self, text: str) -> list[int]:
@@ -179,10 +201,23 @@ class PromptTokenizer:
     def request_ids(self, body: Mapping[str, Any], chat: bool) -> list[int]:
         """The prompt token ids of an OpenAI body; raises ``PromptError`` if it has none."""
         if chat:
+            add_generation_prompt = bool(body.get("add_generation_prompt", True))
+            continue_final = bool(body.get("continue_final_message", False))
+            if add_generation_prompt and continue_final:
+                # vLLM's own validation: the two ask for contradictory endings.
+                raise PromptError(
+                    "Cannot set both `continue_final_message` and `add_generation_prompt` to True."
+                )
+            messages = body.get("messages")
+            if continue_final and not (
+                isinstance(messages, list)
+                and messages
+                and isinstance(messages[-1], Mapping)
+                and messages[-1].get("role") == "assistant"
+            ):
+                raise PromptError("`continue_final_message` needs a final assistant message")
             return self.encode_chat(
-                body.get("messages"),
-                body.get("tools"),
-                bool(body.get("add_generation_prompt", True)),
+                messages, body.get("tools"), add_generation_prompt, continue_final
             )
         return self.completion_ids(body.get("prompt"))
 

@@ -16,6 +16,8 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+import zlib
+from array import array
 from collections.abc import AsyncIterator
 from contextlib import suppress
 from dataclasses import dataclass
@@ -56,13 +58,27 @@ class SimState:
     cache: PrefixCache
     engine: SimEngine
     metrics: SimMetrics
-    rng: random.Random  # draws the generated words; seeded, so runs are reproducible
     created_s: int
 
 
 SIM_STATE = web.AppKey("sim_state", SimState)
 
-_WORD_RANGE = range(len(WORD_BYTES))
+
+def next_words(
+    prompt_ids: list[int], count: int, word_ids: tuple[int, ...], seed: int
+) -> list[int]:
+    """The answer's words (indexes into the output vocabulary): each a function of the token
+    sequence before it (a CRC-32 chained over the token ids, then over each word's id), so a
+    worker given the prompt plus the first k words continues exactly as the first would have:
+    a migrated stream reads like the uninterrupted one."""
+    state = zlib.crc32(array("Q", prompt_ids).tobytes(), seed & 0xFFFFFFFF)
+    size = len(word_ids)
+    words = []
+    for _ in range(count):
+        index = state % size
+        words.append(index)
+        state = zlib.crc32(word_ids[index].to_bytes(8, "little"), state)
+    return words
 
 
 def _engine_stopped() -> SimAPIError:
@@ -81,7 +97,7 @@ async def _serve(request: web.Request, kind: Kind) -> web.StreamResponse:
             state.tokenizer,
             request.headers.get("X-Request-Id"),
         )
-        words = state.rng.choices(_WORD_RANGE, k=parsed.max_tokens)
+        words = next_words(parsed.prompt_ids, parsed.max_tokens, state.word_ids, state.config.seed)
         req = engine.submit(
             parsed.request_id,
             parsed.prompt_ids,
@@ -269,7 +285,6 @@ def build_sim_state(config: SimConfig) -> SimState:
         cache=cache,
         engine=engine,
         metrics=SimMetrics(config, engine),
-        rng=random.Random(config.seed),
         created_s=int(time.time()),
     )
 
