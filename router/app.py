@@ -37,6 +37,7 @@ from router.upstream.dispatch import Dispatcher
 from router.upstream.health import HealthChecker
 from router.upstream.http1 import UpstreamClient
 from router.upstream.load_scrape import LoadScraper
+from router.upstream.migration import Migrator
 from router.upstream.outlier import OutlierDetector
 from router.upstream.relay import Relay
 
@@ -152,6 +153,7 @@ async def _upstream_client(app: web.Application) -> AsyncIterator[None]:
         client, state.config.timeouts, state.config.retries, state.metrics.upstream_resends
     )
     state.dispatcher = Dispatcher(relay, state.config.retries, outlier, state.metrics)
+    state.migrator = Migrator(state.dispatcher, state.metrics)
     state.on_reload.append(
         lambda config: state.dispatcher.reconfigure(config.timeouts, config.retries)
     )

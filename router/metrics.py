@@ -209,6 +209,13 @@ class GatewayMetrics:
             ["model"],
             registry=r,
         )
+        self.stream_migrations = Counter(
+            "prefix_router_stream_migrations",
+            "Broken streams by the cause of the break and what became of them: migrated to "
+            "another worker, failed to, or why they could not be (n, logprobs, limit, ...)",
+            ["cause", "outcome"],
+            registry=r,
+        )
         self.ejections = Counter(
             "prefix_router_worker_ejections",
             "Outlier ejections by the cause of the last failure",

@@ -143,6 +143,15 @@ class PoolConfig(Strict):
     admission: AdmissionConfig = Field(default_factory=AdmissionConfig)
     result_cache: ResultCacheConfig = Field(default_factory=ResultCacheConfig)
     tls: TlsConfig = Field(default_factory=TlsConfig)
+    migrations: int = Field(
+        2,
+        ge=0,
+        description="times a stream whose worker broke mid-answer may move to another worker "
+        "(0: it ends with an error event)",
+    )
+    migrations_in_flight: int = Field(
+        32, ge=1, description="continuations this pool dispatches at once (a mass failure's cap)"
+    )
     fallback_pools: list[str] = Field(
         default_factory=list,
         description="pools (by name) to use, in order, when this one has no eligible worker "

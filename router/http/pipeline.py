@@ -31,7 +31,9 @@ from router.result_cache import (
     is_deterministic,
 )
 from router.routing.key import routing_key
-from router.upstream.call import CallResult, UpstreamCall
+from router.upstream.call import CallResult, MigrationPlan, UpstreamCall
+from router.upstream.continuation import Kind as ContinuationKind
+from router.upstream.continuation import Transcript, refusal
 
 DEFAULT_MAX_TOKENS = 16
 
@@ -120,6 +122,8 @@ async def forward_openai(
                 request, state, pool, body, raw, kind, key, prompt_tokens, requested_tokens
             )
             call.routing.block_hashes = precise.block_hashes if precise else None
+            if call.stream:
+                plan_migration(call, body, kind)
             call.extra_headers = charge.headers
             call.transform = transform
             session = call.routing.session_id
@@ -210,6 +214,21 @@ async def relay(
     try:
         if not call.stream:
             return body_response(answer)
-        return await stream_response(request, answer, state.dispatcher, state.metrics, deadline)
+        return await stream_response(
+            request, answer, state.dispatcher, state.migrator, state.metrics, deadline
+        )
     finally:
         answer.close()
+
+
+def plan_migration(call: UpstreamCall, body: dict[str, Any], kind: Kind) -> None:
+    """Let a stream be continued on another worker if its own breaks (its pool permitting)."""
+    allowed = call.pool.config.migrations
+    if allowed <= 0:
+        return
+    wire_kind: ContinuationKind = "chat" if kind == "chat" else "completions"
+    call.migration = MigrationPlan(
+        body=body, kind=wire_kind, allowed=allowed, refused=refusal(body, wire_kind)
+    )
+    if call.migration.refused is None:
+        call.transcript = Transcript()

@@ -22,6 +22,7 @@ from router.metrics import GatewayMetrics
 from router.result_cache import render_body, render_stream
 from router.upstream.call import UpstreamCall
 from router.upstream.dispatch import Dispatcher
+from router.upstream.migration import Migrator
 from router.upstream.relay import Answer, StreamBroken
 from router.upstream.sse import error_event
 
@@ -38,10 +39,12 @@ async def stream_response(
     request: web.Request,
     answer: Answer,
     dispatcher: Dispatcher,
+    migrator: Migrator,
     metrics: GatewayMetrics,
     deadline: float,
 ) -> web.StreamResponse:
-    """Write a streamed answer until its end, a break, or `deadline` (loop time)."""
+    """Write a streamed answer until its end, a break it cannot migrate past, or `deadline`
+    (loop time). The first answer is the caller's to close; continuations are closed here."""
     call, result = answer.call, answer.result
     response = web.StreamResponse(status=200)
     response.content_type = "text/event-stream"
@@ -50,36 +53,58 @@ async def stream_response(
     await response.prepare(request)
     gaps = metrics.inter_token.labels(call.pool.name)
     last_write = 0.0
+    first = answer
     scope = asyncio.timeout_at(deadline)
     try:
         async with scope:
-            while (block := await answer.next_block()) is not None:
-                await response.write(block)
-                now = time.perf_counter()
-                if last_write:
-                    gaps.observe(now - last_write)
-                else:
-                    result.first_write_at = now
-                last_write = now
-    except StreamBroken as exc:
-        dispatcher.stream_broke(answer, exc.cause)
-        await _end_with_error(
-            response,
-            f"the worker serving this request failed mid-stream ({exc.cause})",
-            "upstream_stream_broken",
-        )
-        return response
+            while True:
+                try:
+                    while (block := await answer.next_block()) is not None:
+                        await response.write(block)
+                        now = time.perf_counter()
+                        if last_write:
+                            gaps.observe(now - last_write)
+                        else:
+                            result.first_write_at = now
+                        last_write = now
+                    break
+                except StreamBroken as exc:
+                    # The worker broke: book it, then let another one continue the answer.
+                    dispatcher.stream_broke(answer, exc.cause)
+                    continued = await migrator.resume(answer, exc.cause, deadline)
+                    if continued is None:
+                        await _end_broken(response, answer, metrics, exc.cause)
+                        return response
+                    if answer is not first:
+                        answer.close()
+                    answer = continued
     except TimeoutError:
         if not scope.expired():
             raise
         dispatcher.stream_overdue(answer)
+        metrics.stream_errors.labels(call.pool.name).inc()
         await _end_with_error(response, "the request ran past its total deadline", "timeout")
         return response
+    finally:
+        if answer is not first:
+            answer.close()
     dispatcher.stream_ended(answer)
     # A client that read [DONE] may hang up before the last chunk: nothing was lost.
     with contextlib.suppress(ConnectionError):
         await response.write_eof()
     return response
+
+
+async def _end_broken(
+    response: web.StreamResponse, answer: Answer, metrics: GatewayMetrics, cause: str
+) -> None:
+    answer.result.stream_broken = True
+    metrics.stream_errors.labels(answer.call.pool.name).inc()
+    await _end_with_error(
+        response,
+        f"the worker serving this request failed mid-stream ({cause})",
+        "upstream_stream_broken",
+    )
 
 
 async def _end_with_error(response: web.StreamResponse, message: str, code: str) -> None:

@@ -32,18 +32,21 @@ class AnswerBytes:
         self._size = 0
         self.overflowed = False
 
-    def add(self, data: bytes) -> None:
-        if self.overflowed:
-            return
+    def add(self, data: bytes) -> int:
+        """Keep the block's text; returns how many events in it carried text (tokens)."""
         found = _TEXT.findall(data)
         if not found:
-            return
+            return 0
+        pieces = sum(1 for piece in found if piece)
+        if self.overflowed:
+            return pieces
         self._size += sum(map(len, found))
         if self._size > MAX_ANSWER_BYTES:
             self.overflowed = True
             self._pieces.clear()
-            return
+            return pieces
         self._pieces.extend(found)
+        return pieces
 
     def text(self) -> str | None:
         """The answer's text, or None when it was too long to keep or unreadable."""

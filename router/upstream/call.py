@@ -7,11 +7,13 @@ and rate-limit reconciliation read after the response ended.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from router.domain.policy import Decision, RoutingRequest
 from router.domain.pool import Pool
 from router.domain.worker import Worker
+from router.upstream.continuation import Kind, Transcript
 from router.upstream.sse import Usage
 
 
@@ -35,6 +37,27 @@ class UpstreamCall:
     """Keep the answer's text for the policy (it indexes prompt plus answer)."""
     on_decision: Callable[[Decision], None] | None = None
     """Called once per routing decision, before the request is sent (to share it)."""
+    transcript: Transcript | None = None
+    """What the client received so far (streams that can be migrated; shared by segments)."""
+    migration: MigrationPlan | None = None
+    seam: Callable[[bytes], bytes] | None = None
+    """A continuation's rewrite of its events into the original stream's (before transform)."""
+    usage_offset: int = 0
+    """Tokens the client had before this segment: its usage is counted for the whole answer."""
+
+
+@dataclass(slots=True)
+class MigrationPlan:
+    """How a stream may be continued elsewhere if its worker breaks."""
+
+    body: dict[str, Any]
+    """The request as the worker got it (pool name, usage asked), to derive continuations."""
+    kind: Kind
+    allowed: int
+    """Migrations this request may still make (the pool's `migrations`)."""
+    refused: str | None = None
+    """Why this request cannot be continued at all (n > 1, logprobs, ...), if so."""
+    used: set[Worker] = field(default_factory=set)
 
 
 @dataclass(slots=True)
@@ -55,3 +78,5 @@ class CallResult:
     sent_at: float = 0.0
     upstream_ttfb_s: float | None = None
     first_write_at: float = 0.0
+    segments: list[str] = field(default_factory=list)
+    """The worker of each segment of the answer (more than one when it was migrated)."""

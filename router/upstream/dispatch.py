@@ -56,12 +56,19 @@ class Dispatcher:
     def _ended(self) -> None:
         self._active -= 1
 
-    async def dispatch(self, call: UpstreamCall, result: CallResult, deadline: float) -> Answer:
+    async def dispatch(
+        self,
+        call: UpstreamCall,
+        result: CallResult,
+        deadline: float,
+        exclude: set[Worker] | None = None,
+    ) -> Answer:
         """An answer that has its first byte, from the first worker that gave one before
         `deadline` (loop time). A non-streamed answer is booked here; a stream is booked by
         `stream_ended` / `stream_broke` / `stream_overdue` once it ends."""
-        result.started_at = time.perf_counter()
-        tried: set[Worker] = set()
+        if not result.started_at:
+            result.started_at = time.perf_counter()
+        tried: set[Worker] = set(exclude or ())
         last_error: GatewayError | None = None
         counted = 0
         last_unseen = False
@@ -98,6 +105,7 @@ class Dispatcher:
                         if retrying:
                             self._retrying -= 1
                     answer.on_close(self._ended)
+                    result.segments.append(decision.worker.id)
                     if not call.stream:
                         self._book(call, answer, ok=True)
                     return answer
@@ -154,10 +162,8 @@ class Dispatcher:
     def stream_broke(self, answer: Answer, cause: str) -> None:
         """The worker's stream broke mid-answer: the worker's failure."""
         call, worker = answer.call, answer.worker
-        answer.result.stream_broken = True
         self._outlier.failure(worker, cause)
         self._metrics.upstream_failures.labels(cause).inc()
-        self._metrics.stream_errors.labels(call.pool.name).inc()
         log.warning("stream from %s broke (%s), request %s", worker.id, cause, call.request_id)
         self._book(call, answer, ok=False)
 
@@ -166,7 +172,6 @@ class Dispatcher:
         outlier failure; but the answer is not a finished one."""
         call = answer.call
         answer.result.stream_broken = True
-        self._metrics.stream_errors.labels(call.pool.name).inc()
         log.warning(
             "stream from %s ran past total_s, request %s", answer.worker.id, call.request_id
         )
@@ -177,7 +182,9 @@ class Dispatcher:
         decision = answer.decision
         if ok:
             self._outlier.success(decision.worker)
-        usage = result.usage
+        # A continuation's usage counts the whole answer, not its own prompt: nothing to learn
+        # about this prompt from it.
+        usage = result.usage if not call.usage_offset else None
         routing = call.routing
         if usage is not None:
             call.pool.calibration.observe(routing.key, usage.prompt_tokens)

@@ -26,6 +26,7 @@ from router.domain.worker import Dispatch, Worker
 from router.errors import GatewayError, UpstreamFailed, UpstreamTimeout
 from router.upstream.answer import AnswerBytes, answer_of
 from router.upstream.call import CallResult, UpstreamCall
+from router.upstream.continuation import Transcript
 from router.upstream.http1 import Connection, Head, UpstreamClient, format_request
 from router.upstream.sse import DONE, EVENT_END, split_usage_event, usage_from
 
@@ -112,7 +113,9 @@ class Answer:
         self._conn = conn
         self._pending = first
         """Stream bytes received and not yet passed on (a partial event, or the first chunk)."""
-        self._text = AnswerBytes() if call.collect_answer and conn is not None else None
+        self._text: AnswerBytes | Transcript | None = call.transcript
+        if self._text is None and call.collect_answer and conn is not None:
+            self._text = AnswerBytes()
         self.body = body
         """A non-streamed answer's complete body."""
         self.saw_done = False
@@ -146,14 +149,19 @@ class Answer:
                 if data:
                     if b'"usage"' in data:
                         data, usage, done = split_usage_event(data, not call.client_wants_usage)
+                        if usage is not None and call.usage_offset:
+                            usage.prompt_tokens = max(0, usage.prompt_tokens - call.usage_offset)
+                            usage.completion_tokens += call.usage_offset
                         self.result.usage = usage or self.result.usage
                         self.saw_done = self.saw_done or done
                     elif data.endswith(DONE):
                         self.saw_done = True
+                    if call.seam is not None:
+                        data = call.seam(data)
+                    if self._text is not None:
+                        self._text.add(data)  # the upstream's OpenAI shape, before transform
                     if call.transform is not None:
                         data = call.transform(data)
-                    if self._text is not None:
-                        self._text.add(data)
                     if data:
                         return data
             try:
@@ -165,7 +173,7 @@ class Answer:
             if not chunk:
                 if not self.saw_done:
                     raise StreamBroken("no_done")
-                if self._text is not None:
+                if self._text is not None and call.collect_answer:
                     self.result.answer = self._text.text()
                 return None
             self._pending = self._pending + chunk if self._pending else chunk
@@ -245,6 +253,8 @@ class Relay:
 
     @staticmethod
     def _stamp(result: CallResult) -> None:
+        if result.ttft_s is not None:
+            return  # a continuation: the client had its first token long ago
         now = time.perf_counter()
         result.status = 200
         result.ttft_s = now - result.started_at

@@ -1,0 +1,142 @@
+"""Streams that survive a dying worker: real gateway, real simulated workers that die on cue.
+
+The simulated worker's answer is a function of the prompt (and of the tokens so far), so the
+uninterrupted answer is known: a migrated stream must equal it, token for token, with one role
+chunk, one id, one `[DONE]`, and usage for the whole answer.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import MODEL, GatewayFactory, SimFactory, gateway_config
+from tests.sse import read_events
+
+MESSAGES = [{"role": "user", "content": "tell me everything about the rivers of the north"}]
+ROUND_ROBIN = {"policy": {"name": "round_robin"}}  # the first request goes to the first worker
+
+
+def _chat(max_tokens: int = 12, **extra: Any) -> dict[str, Any]:
+    return {
+        "model": MODEL,
+        "messages": MESSAGES,
+        "max_tokens": max_tokens,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        **extra,
+    }
+
+
+async def _die(http: aiohttp.ClientSession, url: str, after: int, count: int = 1) -> None:
+    fault = {"kind": "die_mid_stream", "after_tokens": after, "count": count}
+    async with http.post(url + "/sim/faults", json=fault) as resp:
+        assert resp.status == 200
+
+
+async def _reference(http: aiohttp.ClientSession, sim_url: str, body: dict[str, Any]) -> Any:
+    """The uninterrupted answer, straight from a worker."""
+    async with http.post(sim_url + "/v1/chat/completions", json=body) as resp:
+        return await read_events(resp)
+
+
+def _text(events: list[Any]) -> str:
+    return "".join(
+        e["choices"][0]["delta"].get("content") or "" for e in events if e.get("choices")
+    )
+
+
+async def _migrations(http: aiohttp.ClientSession, url: str) -> dict[tuple[str, str], float]:
+    async with http.get(url + "/metrics") as resp:
+        text = await resp.text()
+    return {
+        (s.labels["cause"], s.labels["outcome"]): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == "prefix_router_stream_migrations_total"
+    }
+
+
+async def test_a_worker_dying_mid_stream_is_invisible_to_the_client(
+    sims: SimFactory, gateway: GatewayFactory, http: aiohttp.ClientSession
+) -> None:
+    dying, healthy = await sims(2)
+    reference, done = await _reference(http, healthy.url, _chat())
+    assert done
+    url = await gateway(gateway_config([dying.url, healthy.url], pool=ROUND_ROBIN))
+    await _die(http, dying.url, after=3)
+    async with http.post(url + "/v1/chat/completions", json=_chat()) as resp:
+        assert resp.status == 200
+        events, done = await read_events(resp)
+    assert done and not any("error" in e for e in events)
+    assert _text(events) == _text(reference)
+    roles = [e for e in events if e.get("choices") and "role" in e["choices"][0]["delta"]]
+    assert len(roles) == 1
+    assert len({e["id"] for e in events}) == 1  # the continuation reads as the same stream
+    assert {e["model"] for e in events} == {MODEL}
+    usage = events[-1]["usage"]
+    assert usage["prompt_tokens"] == reference[-1]["usage"]["prompt_tokens"]
+    assert usage["completion_tokens"] == 12
+    assert usage["total_tokens"] == usage["prompt_tokens"] + 12
+    assert await _migrations(http, url) == {("stream_broken", "migrated"): 1.0}
+
+
+async def test_usage_is_left_out_when_the_client_did_not_ask_and_completions_migrate_too(
+    sims: SimFactory, gateway: GatewayFactory, http: aiohttp.ClientSession
+) -> None:
+    dying, healthy = await sims(2)
+    body = {"model": MODEL, "prompt": "once upon a time", "max_tokens": 10, "stream": True}
+    async with http.post(healthy.url + "/v1/completions", json=body) as resp:
+        reference, _ = await read_events(resp)
+    url = await gateway(gateway_config([dying.url, healthy.url], pool=ROUND_ROBIN))
+    await _die(http, dying.url, after=4)
+    async with http.post(url + "/v1/completions", json=body) as resp:
+        events, done = await read_events(resp)
+    assert done and not any("usage" in e and e["usage"] for e in events)
+    text = "".join(e["choices"][0]["text"] for e in events if e.get("choices"))
+    assert text == "".join(e["choices"][0]["text"] for e in reference if e.get("choices"))
+
+
+async def test_a_stream_that_keeps_breaking_ends_with_the_error_event_after_the_bound(
+    sims: SimFactory, gateway: GatewayFactory, http: aiohttp.ClientSession
+) -> None:
+    workers = await sims(4)
+    for sim in workers:
+        await _die(http, sim.url, after=2, count=5)
+    url = await gateway(gateway_config([w.url for w in workers], pool=ROUND_ROBIN))
+    async with http.post(url + "/v1/chat/completions", json=_chat(max_tokens=30)) as resp:
+        events, done = await read_events(resp)
+    assert not done
+    assert events[-1]["error"]["code"] == "upstream_stream_broken"
+    assert len(_text(events).split()) == 2 * 3  # three segments of two tokens each
+    assert await _migrations(http, url) == {
+        ("stream_broken", "migrated"): 2.0,
+        ("stream_broken", "limit"): 1.0,
+    }
+
+
+async def test_a_request_that_cannot_be_continued_faithfully_ends_with_the_error_event(
+    sims: SimFactory, gateway: GatewayFactory, http: aiohttp.ClientSession
+) -> None:
+    dying, healthy = await sims(2)
+    url = await gateway(gateway_config([dying.url, healthy.url], pool=ROUND_ROBIN))
+    await _die(http, dying.url, after=3)
+    async with http.post(url + "/v1/chat/completions", json=_chat(logprobs=True)) as resp:
+        events, done = await read_events(resp)
+    assert not done and events[-1]["error"]["code"] == "upstream_stream_broken"
+    assert await _migrations(http, url) == {("stream_broken", "logprobs"): 1.0}
+
+
+async def test_migration_is_off_with_migrations_zero(
+    sims: SimFactory, gateway: GatewayFactory, http: aiohttp.ClientSession
+) -> None:
+    dying, healthy = await sims(2)
+    pool = {**ROUND_ROBIN, "migrations": 0}
+    url = await gateway(gateway_config([dying.url, healthy.url], pool=pool))
+    await _die(http, dying.url, after=3)
+    async with http.post(url + "/v1/chat/completions", json=_chat()) as resp:
+        events, done = await read_events(resp)
+    assert not done and json.dumps(events[-1]).count("upstream_stream_broken") == 1
