@@ -150,6 +150,8 @@ def _record(
                 "status": status,
                 "tenant": tenant.name if tenant else None,
                 "worker": worker,
+                # More than one when the stream was migrated: every segment's worker, in order.
+                "segments": result.segments if result and len(result.segments) > 1 else None,
                 "reason": result.decision.reason if result and result.decision else None,
                 "attempts": result.attempts if result else 0,
                 "retries": max(0, result.attempts - 1) if result else 0,

@@ -8,12 +8,17 @@ chunk, one id, one `[DONE]`, and usage for the whole answer.
 from __future__ import annotations
 
 import json
+import logging
+import os
+import signal
 from typing import Any
 
 import aiohttp
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import MODEL, GatewayFactory, SimFactory, gateway_config
+from loadtest.procs import Fleet, start_sim, wait_ready
+from tests.conftest import MODEL, GatewayFactory, SimFactory, gateway_config, wait_for
 from tests.sse import read_events
 
 MESSAGES = [{"role": "user", "content": "tell me everything about the rivers of the north"}]
@@ -61,8 +66,12 @@ async def _migrations(http: aiohttp.ClientSession, url: str) -> dict[tuple[str, 
 
 
 async def test_a_worker_dying_mid_stream_is_invisible_to_the_client(
-    sims: SimFactory, gateway: GatewayFactory, http: aiohttp.ClientSession
+    sims: SimFactory,
+    gateway: GatewayFactory,
+    http: aiohttp.ClientSession,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level(logging.INFO, logger="prefix_router.access")
     dying, healthy = await sims(2)
     reference, done = await _reference(http, healthy.url, _chat())
     assert done
@@ -82,6 +91,8 @@ async def test_a_worker_dying_mid_stream_is_invisible_to_the_client(
     assert usage["completion_tokens"] == 12
     assert usage["total_tokens"] == usage["prompt_tokens"] + 12
     assert await _migrations(http, url) == {("stream_broken", "migrated"): 1.0}
+    (record,) = [vars(r) for r in caplog.records if r.name == "prefix_router.access"]
+    assert record["segments"] == [f"{MODEL}/0", f"{MODEL}/1"] and record["status"] == 200
 
 
 async def test_usage_is_left_out_when_the_client_did_not_ask_and_completions_migrate_too(
@@ -140,3 +151,85 @@ async def test_migration_is_off_with_migrations_zero(
     async with http.post(url + "/v1/chat/completions", json=_chat()) as resp:
         events, done = await read_events(resp)
     assert not done and json.dumps(events[-1]).count("upstream_stream_broken") == 1
+
+
+async def test_the_seed_apis_streams_migrate_too(
+    sims: SimFactory, gateway: GatewayFactory, http: aiohttp.ClientSession
+) -> None:
+    dying, healthy = await sims(2)
+    url = await gateway(gateway_config([dying.url, healthy.url], pool=ROUND_ROBIN))
+    body = {"prompt": "once upon a time", "max_tokens": 10, "stream": True}
+    async with http.post(url + "/generate", json=body) as resp:
+        whole = await resp.read()  # the pool's first worker is still healthy here
+    await _die(http, dying.url, after=4)
+    async with http.post(url + "/generate", json=body) as resp:
+        await resp.read()  # round robin: the healthy worker's turn
+    async with http.post(url + "/generate", json=body) as resp:
+        migrated = await resp.read()  # ...and the dying worker's again
+    assert b"error" not in migrated
+    assert migrated.count(b"[DONE]") == whole.count(b"[DONE]")
+
+    def pieces(raw: bytes) -> list[str]:
+        return [
+            json.dumps(json.loads(line[6:]).get("text"))
+            for line in raw.split(b"\n\n")
+            if line.startswith(b"data: {")
+        ]
+
+    assert pieces(migrated) == pieces(whole)
+    assert await _migrations(http, url) == {("stream_broken", "migrated"): 1.0}
+
+
+async def test_a_worker_process_killed_mid_stream_is_invisible_to_the_client(
+    gateway: GatewayFactory, http: aiohttp.ClientSession
+) -> None:
+    # Real processes: SIGKILL leaves no chance to say goodbye (no chunked end, no FIN first).
+    fleet = Fleet()
+    try:
+        procs = [start_sim(MODEL, ["--time-scale", "1.0"]) for _ in range(2)]
+        fleet.procs.extend(procs)
+        for proc in procs:
+            await wait_ready(proc.url, "/health")
+        body = _chat(max_tokens=150)
+        reference, _ = await _reference(http, procs[1].url, body)
+        config = gateway_config([p.url for p in procs], pool=ROUND_ROBIN, debug_headers=True)
+        url = await gateway(config)
+        async with http.post(url + "/v1/chat/completions", json=body) as resp:
+            serving = next(p for p in procs if resp.headers["X-Route-Worker"].endswith("/0"))
+            assert serving is procs[0]
+            for _ in range(5):
+                await resp.content.readuntil(b"\n\n")  # the stream is flowing
+            os.kill(serving.pid, signal.SIGKILL)
+            rest, done = await read_events(resp)
+        assert done and not any("error" in e for e in rest)
+        # The events read before the kill were the reference's first ones: compare the rest.
+        assert _text(reference).endswith(_text(rest)) and len(_text(rest).split()) > 100
+        assert await _migrations(http, url) == {("stream_broken", "migrated"): 1.0}
+    finally:
+        fleet.stop()
+
+
+async def test_a_client_that_hangs_up_during_a_migration_cancels_it(
+    sims: SimFactory, gateway: GatewayFactory, http: aiohttp.ClientSession
+) -> None:
+    dying, waiting = await sims(2)
+    url = await gateway(gateway_config([dying.url, waiting.url], pool=ROUND_ROBIN))
+    await _die(http, dying.url, after=3)
+    async with http.post(waiting.url + "/sim/faults", json={"kind": "hang_before_first_byte"}):
+        pass  # the continuation will wait for a first byte that never comes
+    resp = await http.post(url + "/v1/chat/completions", json=_chat(max_tokens=50))
+    await resp.content.readuntil(b"\n\n")
+
+    async def continuation_running() -> bool:
+        async with http.get(waiting.url + "/sim/counters") as r:
+            return int((await r.json())["running"]) == 1
+
+    await wait_for(continuation_running, what="the continuation sent to the second worker")
+    resp.close()  # the client hangs up while the gateway waits for the continuation
+
+    async def aborted() -> bool:
+        async with http.get(waiting.url + "/sim/counters") as r:
+            counters = await r.json()
+        return int(counters["running"]) == 0 and int(counters["aborted"]) == 1
+
+    await wait_for(aborted, what="the continuation cancelled on the second worker")
