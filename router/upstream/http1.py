@@ -322,8 +322,9 @@ class UpstreamClient:
                     stale.close()
                 pool.idle.clear()
                 break
-            if conn.transport is not None and not conn.transport.is_closing():
+            if conn.reusable and conn.transport is not None and not conn.transport.is_closing():
                 return conn
+            conn.close()  # bytes arrived while it sat idle, or it closed: out of step
         target = pool.endpoint
         tls = pool.ssl if target.tls else None
         if target.tls and tls is None:

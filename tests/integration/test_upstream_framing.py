@@ -93,6 +93,12 @@ async def _flood(prefix: bytes, unit: bytes) -> object:
     return write
 
 
+async def reader_closed(writer: asyncio.StreamWriter) -> None:
+    """Wait until the peer or the test server closes the connection."""
+    while not writer.is_closing():
+        await asyncio.sleep(0.01)
+
+
 async def _reset_mid_body(worker: ScriptedWorker, writer: asyncio.StreamWriter) -> None:
     writer.write(OK + b"\r\n" + GOOD_BODY[:10])  # close-delimited: no length, no chunking
     await writer.drain()
@@ -243,3 +249,31 @@ async def test_a_stream_without_event_boundaries_is_cut_off_with_an_error_event(
     assert resp.status == 200  # the first bytes had come: the stream had begun
     assert raw.count(b"data: ") == 1 and b"event_too_large" in raw and b"[DONE]" not in raw
     assert worker.flood_sent < HUGE
+
+
+async def test_a_connection_that_received_bytes_while_idle_is_not_reused(
+    scripted: tuple[ScriptedWorker, str], gateway: GatewayFactory, http: aiohttp.ClientSession
+) -> None:
+    worker, url = scripted
+    sent_stray = asyncio.Event()
+
+    async def answer_then_stray(worker: ScriptedWorker, writer: asyncio.StreamWriter) -> None:
+        writer.write(GOOD)
+        await writer.drain()
+        await asyncio.sleep(0.05)  # the gateway has read the answer and pooled the connection
+        writer.write(b"HTTP/1.1 200 OK\r\n")  # ...then bytes nobody asked for
+        await writer.drain()
+        sent_stray.set()
+        await reader_closed(writer)  # keep the connection open: only its bytes are wrong
+
+    worker.script.append(answer_then_stray)
+    config = gateway_config([url], load_scrape={"enabled": False}, health={"interval_s": 60})
+    gateway_url = await gateway(config)
+    async with http.post(gateway_url + "/v1/chat/completions", json=chat_body()) as resp:
+        assert resp.status == 200
+    await sent_stray.wait()
+    await asyncio.sleep(0.05)  # let the stray bytes reach the gateway's idle connection
+    async with http.post(gateway_url + "/v1/chat/completions", json=chat_body()) as resp:
+        assert resp.status == 200, await resp.text()
+    first, second = worker.connections
+    assert second != first
