@@ -8,6 +8,7 @@ and the next request must be served.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import struct
@@ -94,9 +95,9 @@ async def _flood(prefix: bytes, unit: bytes) -> object:
 
 
 async def reader_closed(writer: asyncio.StreamWriter) -> None:
-    """Wait until the peer or the test server closes the connection."""
-    while not writer.is_closing():
-        await asyncio.sleep(0.01)
+    """Wait until the test server closes the connection as it stops."""
+    with contextlib.suppress(ConnectionError):
+        await writer.wait_closed()
 
 
 async def _reset_mid_body(worker: ScriptedWorker, writer: asyncio.StreamWriter) -> None:
