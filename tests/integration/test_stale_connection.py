@@ -9,25 +9,14 @@ another worker like any failed attempt, and it is counted.
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
 
-from tests.conftest import MODEL, GatewayFactory, SimFactory, chat_body, gateway_config
-from tests.raw_server import raw_server
-
-ANSWER = json.dumps(
-    {
-        "id": "x",
-        "object": "chat.completion",
-        "model": MODEL,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}}],
-        "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
-    }
-).encode()
-MODELS = json.dumps({"object": "list", "data": [{"id": MODEL}]}).encode()
+from tests.conftest import GatewayFactory, SimFactory, chat_body, gateway_config
+from tests.raw_server import CHAT_ANSWER as ANSWER
+from tests.raw_server import MODELS, raw_server, read_request
 
 
 class IdleClosingWorker:
@@ -42,13 +31,7 @@ class IdleClosingWorker:
         served = 0
         try:
             while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = 0
-                for line in head.split(b"\r\n"):
-                    if line.lower().startswith(b"content-length:"):
-                        length = int(line.split(b":")[1])
-                await reader.readexactly(length)
-                path = head.split(b" ")[1]
+                path = await read_request(reader)
                 if path == b"/v1/chat/completions":
                     self.completions_seen += 1
                     if served:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import socket
 import struct
 from collections.abc import AsyncIterator
@@ -18,19 +17,10 @@ from dataclasses import dataclass, field
 import aiohttp
 import pytest
 
-from tests.conftest import MODEL, GatewayFactory, chat_body, gateway_config
-from tests.raw_server import raw_server
+from tests.conftest import GatewayFactory, chat_body, gateway_config
+from tests.raw_server import CHAT_ANSWER as GOOD_BODY
+from tests.raw_server import MODELS, raw_server, read_request
 
-GOOD_BODY = json.dumps(
-    {
-        "id": "x",
-        "object": "chat.completion",
-        "model": MODEL,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}}],
-        "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
-    }
-).encode()
-MODELS = json.dumps({"object": "list", "data": [{"id": MODEL}]}).encode()
 OK = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
 GOOD = OK + f"Content-Length: {len(GOOD_BODY)}\r\n\r\n".encode() + GOOD_BODY
 HUGE = 8 << 20  # what a runaway worker would send if nobody stopped reading
@@ -57,13 +47,7 @@ class ScriptedWorker:
         number = self._next_connection
         try:
             while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = 0
-                for line in head.split(b"\r\n"):
-                    if line.lower().startswith(b"content-length:"):
-                        length = int(line.split(b":")[1])
-                await reader.readexactly(length)
-                path = head.split(b" ")[1]
+                path = await read_request(reader)
                 if path != b"/v1/chat/completions":
                     body = MODELS if path == b"/v1/models" else b""
                     writer.write(OK + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
