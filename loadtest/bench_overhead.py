@@ -1,10 +1,14 @@
-"""Gateway overhead benchmark: the latency the gateway adds to small streamed requests.
+"""Gateway overhead benchmark: what each router adds to small streamed requests, side by side.
 
-Sends small streamed chat requests open-loop at fixed rates, first straight to a simulated
-worker, then through a gateway in front of that same worker, and prints the added TTFT
-(p50/p99 of gateway minus direct), errors, achieved rate and the gateway's CPU per 1000
-requests. Simulated worker and gateway are separate processes (`--target` measures a gateway
-that is already running instead; give `--direct` for its worker).
+One run, one fleet of simulated workers of near-zero cost, and in front of it, one after the
+other at each rate: nothing (the client round-robins over the workers: the baseline), a plain
+aiohttp streaming proxy (`loadtest/plain_proxy.py`, the least a Python relay costs), the gateway
+with its defaults (hybrid routing, metrics, one access-log line per request), and every
+`--router-cmd`. Requests alternate small streamed chat and text completions, open loop. For
+each target and rate it reports E2E and TTFT added over direct (p50/p99), the router's CPU per
+request (from /proc), errors, and the achieved rate; and per target the highest rate it
+sustained (at most 0.5% errors, at least 95% of the offered rate, E2E p99 at most 100 ms).
+`--repeat N` runs it all N times and reports the medians.
 """
 
 from __future__ import annotations
@@ -12,16 +16,29 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import statistics
+import sys
 import time
 from dataclasses import dataclass, field
 
 import aiohttp
 import uvloop
 
-from loadtest.procs import Fleet, cpu_seconds, start_gateway_process, start_sim, wait_ready
+from loadtest.external_router import parse_routers, start_external, wait_external
+from loadtest.procs import (
+    Fleet,
+    cpu_seconds,
+    free_port,
+    spawn,
+    start_gateway_process,
+    start_sim,
+    wait_ready,
+)
 from loadtest.stats import percentile, print_table, write_json
 
 MODEL = "bench-llm"
+Table = dict[tuple[str, float], dict[str, float]]
+SUSTAINED = {"max_error_share": 0.005, "min_achieved_share": 0.95, "max_e2e_p99_ms": 100.0}
 
 
 @dataclass
@@ -31,157 +48,208 @@ class Phase:
     errors: int = 0
     sent: int = 0
     elapsed_s: float = 0.0
+    cpu_s: float = float("nan")
 
 
-async def _one(session: aiohttp.ClientSession, url: str, body: bytes, phase: Phase) -> None:
+@dataclass
+class Target:
+    name: str
+    urls: list[str]
+    """One URL for a router; every worker's for direct (the client round-robins)."""
+    pid: int | None = None
+
+
+def _request(i: int, max_tokens: int) -> tuple[str, bytes]:
+    text = f"request {i} please answer briefly about the weather in city number {i % 97}"
+    if i % 2:
+        body = {"model": MODEL, "stream": True, "max_tokens": max_tokens, "prompt": text}
+        return "/v1/completions", json.dumps(body).encode()
+    messages = [{"role": "user", "content": text}]
+    body = {"model": MODEL, "stream": True, "max_tokens": max_tokens, "messages": messages}
+    return "/v1/chat/completions", json.dumps(body).encode()
+
+
+async def _one(session: aiohttp.ClientSession, url: str, i: int, tokens: int, ph: Phase) -> None:
+    path, body = _request(i, tokens)
     started = time.perf_counter()
     try:
-        async with session.post(
-            url + "/v1/chat/completions", data=body, headers={"Content-Type": "application/json"}
-        ) as resp:
+        headers = {"Content-Type": "application/json"}
+        async with session.post(url + path, data=body, headers=headers) as resp:
             if resp.status != 200:
-                phase.errors += 1
+                ph.errors += 1
                 await resp.read()
                 return
-            first = await resp.content.readany()
+            tail = await resp.content.readany()
             ttft = time.perf_counter() - started
-            tail = first
             while chunk := await resp.content.readany():
                 tail = chunk
             if not tail.rstrip().endswith(b"[DONE]"):
-                phase.errors += 1
+                ph.errors += 1
                 return
-            phase.ttft_s.append(ttft)
-            phase.e2e_s.append(time.perf_counter() - started)
+            ph.ttft_s.append(ttft)
+            ph.e2e_s.append(time.perf_counter() - started)
     except (aiohttp.ClientError, TimeoutError):
-        phase.errors += 1
+        ph.errors += 1
 
 
-async def run_phase(url: str, rate: float, duration_s: float, max_tokens: int) -> Phase:
+async def run_phase(target: Target, rate: float, duration_s: float, tokens: int) -> Phase:
     phase = Phase()
-    connector = aiohttp.TCPConnector(limit=0, force_close=False)
+    connector = aiohttp.TCPConnector(limit=0)
     timeout = aiohttp.ClientTimeout(total=30)
+    urls = target.urls
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-        # Warm the connection pool so the measured phase is steady state.
-        warm = [_one(session, url, _body(i, max_tokens), Phase()) for i in range(50)]
-        await asyncio.gather(*warm)
+        # Warm connection pools and caches so the measured phase is steady state.
+        await asyncio.gather(
+            *(_one(session, urls[i % len(urls)], i, tokens, Phase()) for i in range(50))
+        )
         total = int(rate * duration_s)
         tasks = []
         loop = asyncio.get_running_loop()
+        cpu0 = cpu_seconds(target.pid) if target.pid else 0.0
         start = loop.time()
         for i in range(total):
             delay = start + i / rate - loop.time()
             if delay > 0:
                 await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(_one(session, url, _body(i, max_tokens), phase)))
+            url = urls[i % len(urls)]
+            tasks.append(asyncio.create_task(_one(session, url, i, tokens, phase)))
             phase.sent += 1
         await asyncio.gather(*tasks)
         phase.elapsed_s = loop.time() - start
+        if target.pid:
+            phase.cpu_s = cpu_seconds(target.pid) - cpu0
     return phase
 
 
-def _body(i: int, max_tokens: int) -> bytes:
-    text = f"request {i} please answer briefly about the weather in city number {i % 97}"
-    return json.dumps(
-        {
-            "model": MODEL,
-            "stream": True,
-            "max_tokens": max_tokens,
-            "messages": [{"role": "user", "content": text}],
-        }
-    ).encode()
+def _row(phase: Phase, direct: Phase, rate: float) -> dict[str, float]:
+    def ms(values: list[float], q: float) -> float:
+        return percentile(values, q) * 1000 if values else float("nan")
+
+    return {
+        "achieved_rps": phase.sent / phase.elapsed_s if phase.elapsed_s else 0.0,
+        "offered_rps": rate,
+        "error_share": phase.errors / max(1, phase.sent),
+        "e2e_p50_ms": ms(phase.e2e_s, 50),
+        "e2e_p99_ms": ms(phase.e2e_s, 99),
+        "added_e2e_p50_ms": ms(phase.e2e_s, 50) - ms(direct.e2e_s, 50),
+        "added_e2e_p99_ms": ms(phase.e2e_s, 99) - ms(direct.e2e_s, 99),
+        "added_ttft_p50_ms": ms(phase.ttft_s, 50) - ms(direct.ttft_s, 50),
+        "added_ttft_p99_ms": ms(phase.ttft_s, 99) - ms(direct.ttft_s, 99),
+        "cpu_ms_per_request": phase.cpu_s * 1000 / max(1, phase.sent),
+    }
+
+
+def _sustained(row: dict[str, float]) -> bool:
+    return (
+        row["error_share"] <= SUSTAINED["max_error_share"]
+        and row["achieved_rps"] >= SUSTAINED["min_achieved_share"] * row["offered_rps"]
+        and row["e2e_p99_ms"] <= SUSTAINED["max_e2e_p99_ms"]
+    )
+
+
+def _medians(runs: list[dict[str, float]]) -> dict[str, float]:
+    return {k: statistics.median(run[k] for run in runs) for k in runs[0]}
+
+
+async def _start_targets(args: argparse.Namespace, fleet: Fleet) -> list[Target]:
+    sims = [start_sim(MODEL, ["--time-scale", "0"]) for _ in range(args.workers)]
+    fleet.procs.extend(sims)
+    await asyncio.gather(*(wait_ready(s.url, "/health") for s in sims))
+    urls = [s.url for s in sims]
+    port = free_port()
+    plain = spawn(
+        [sys.executable, "-m", "loadtest.plain_proxy", "--port", str(port), *urls],
+        f"http://127.0.0.1:{port}",
+        f"plain{port}",
+    )
+    fleet.procs.append(plain)
+    # The gateway with its defaults: access log and metrics on; the log goes to its log file.
+    config = {
+        "listen": {"host": "127.0.0.1", "port": 0},
+        "auth": {"enabled": False},
+        "pools": {MODEL: {"workers": [{"url": u} for u in urls], "policy": {"name": args.policy}}},
+    }
+    gateway = start_gateway_process(config)
+    fleet.procs.append(gateway)
+    targets = [
+        Target("direct", urls),
+        Target("plain-proxy", [plain.url], plain.pid),
+        Target("prefix-router", [gateway.url], gateway.pid),
+    ]
+    await wait_external(plain, MODEL)
+    await wait_ready(gateway.url, "/ready")
+    for name, cmd in parse_routers(args.router_cmd, args.router_name):
+        proc = start_external(cmd, urls, MODEL)
+        fleet.procs.append(proc)
+        await wait_external(proc, MODEL)
+        targets.append(Target(name, [proc.url], proc.pid))
+    return targets
 
 
 async def _main(args: argparse.Namespace) -> int:
     fleet = Fleet()
-    gateway_pid: int | None = None
     try:
-        if args.target:
-            gateway_url, direct_url = args.target.rstrip("/"), args.direct
-        else:
-            sim = start_sim(MODEL, ["--time-scale", "0"])
-            fleet.procs.append(sim)
-            await wait_ready(sim.url, "/health")
-            config = {
-                "listen": {"host": "127.0.0.1", "port": 0},
-                "log_level": "warning",
-                "auth": {"enabled": False},
-                "pools": {MODEL: {"workers": [{"url": sim.url}], "policy": {"name": args.policy}}},
-            }
-            gateway = start_gateway_process(config)
-            fleet.procs.append(gateway)
-            await wait_ready(gateway.url, "/ready")
-            gateway_url, direct_url, gateway_pid = gateway.url, sim.url, gateway.pid
-        rows = []
-        results = []
-        for rate in args.rates:
-            direct = (
-                await run_phase(direct_url, rate, args.duration, args.max_tokens)
-                if (direct_url)
-                else Phase()
-            )
-            cpu0 = cpu_seconds(gateway_pid) if gateway_pid else 0.0
-            via = await run_phase(gateway_url, rate, args.duration, args.max_tokens)
-            cpu_ms = (cpu_seconds(gateway_pid) - cpu0) * 1000 if gateway_pid else float("nan")
-            added50 = (percentile(via.ttft_s, 50) - percentile(direct.ttft_s, 50)) * 1000
-            added99 = (percentile(via.ttft_s, 99) - percentile(direct.ttft_s, 99)) * 1000
-            per_1000 = cpu_ms / max(1, via.sent) * 1000
-            row = {
-                "rate": rate,
-                "achieved_rps": via.sent / via.elapsed_s if via.elapsed_s else 0.0,
-                "direct_ttft_p50_ms": percentile(direct.ttft_s, 50) * 1000,
-                "direct_ttft_p99_ms": percentile(direct.ttft_s, 99) * 1000,
-                "gateway_ttft_p50_ms": percentile(via.ttft_s, 50) * 1000,
-                "gateway_ttft_p99_ms": percentile(via.ttft_s, 99) * 1000,
-                "added_p50_ms": added50,
-                "added_p99_ms": added99,
-                "errors": via.errors + direct.errors,
-                "gateway_cpu_ms_per_1000": per_1000,
-            }
-            results.append(row)
-            rows.append(
-                [
-                    rate,
-                    row["achieved_rps"],
-                    row["direct_ttft_p50_ms"],
-                    row["gateway_ttft_p50_ms"],
-                    added50,
-                    added99,
-                    row["errors"],
-                    per_1000,
-                ]
-            )
-        print(
-            f"\ngateway overhead, streamed chat, {args.max_tokens} tokens, "
-            f"{args.duration:.0f}s per rate, policy {args.policy}"
+        targets = await _start_targets(args, fleet)
+        runs: dict[tuple[str, float], list[dict[str, float]]] = {}
+        for _ in range(args.repeat):
+            for rate in args.rates:
+                direct = await run_phase(targets[0], rate, args.duration, args.max_tokens)
+                runs.setdefault(("direct", rate), []).append(_row(direct, direct, rate))
+                for target in targets[1:]:
+                    phase = await run_phase(target, rate, args.duration, args.max_tokens)
+                    runs.setdefault((target.name, rate), []).append(_row(phase, direct, rate))
+        table = {key: _medians(rows) for key, rows in runs.items()}
+        _print(args, targets, table)
+        write_json(
+            args.json,
+            {
+                "repeat": args.repeat,
+                "criteria": SUSTAINED,
+                "rows": [{"target": t, "rate": r, **row} for (t, r), row in table.items()],
+            },
         )
-        print_table(
-            [
-                "req/s",
-                "achieved",
-                "direct p50 ms",
-                "gateway p50 ms",
-                "added p50 ms",
-                "added p99 ms",
-                "errors",
-                "gw CPU ms/1000 req",
-            ],
-            rows,
-        )
-        write_json(args.json, {"policy": args.policy, "rows": results})
-        return 1 if any(r["errors"] for r in results) else 0
+        return 0
     finally:
         fleet.stop()
+
+
+def _print(
+    args: argparse.Namespace,
+    targets: list[Target],
+    table: dict[tuple[str, float], dict[str, float]],
+) -> None:
+    print(
+        f"\noverhead: {args.workers} simulated workers, streamed chat and completions, "
+        f"{args.max_tokens} tokens, {args.duration:.0f}s per rate, medians of {args.repeat} run(s)"
+    )
+    rows = []
+    for target in targets:
+        for rate in args.rates:
+            r = table[(target.name, rate)]
+            rows.append(
+                [
+                    target.name, rate, r["achieved_rps"], f"{r['error_share']:.2%}",
+                    r["added_e2e_p50_ms"], r["added_e2e_p99_ms"],
+                    r["added_ttft_p50_ms"], r["added_ttft_p99_ms"], r["cpu_ms_per_request"],
+                ]
+            )  # fmt: skip
+    headers = ["target", "req/s", "achieved", "errors", "+E2E p50 ms", "+E2E p99 ms"]
+    print_table([*headers, "+TTFT p50 ms", "+TTFT p99 ms", "CPU ms/req"], rows)
+    for target in targets:
+        ok = [rate for rate in args.rates if _sustained(table[(target.name, rate)])]
+        print(f"{target.name}: highest sustained rate {max(ok) if ok else 'none'} req/s")
 
 
 def run(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="prefix-router bench overhead", description=__doc__)
     parser.add_argument("--rates", type=float, nargs="+", default=[200, 500, 1000])
-    parser.add_argument("--duration", type=float, default=10.0, help="seconds per rate")
+    parser.add_argument("--duration", type=float, default=5.0, help="seconds per rate")
+    parser.add_argument("--repeat", type=int, default=1, help="runs; medians are reported")
+    parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--policy", default="hybrid")
-    parser.add_argument("--target", help="an already running gateway URL")
-    parser.add_argument("--direct", help="with --target: its worker's URL, for the baseline")
+    parser.add_argument("--router-cmd", action="append", help="an external router (template)")
+    parser.add_argument("--router-name", action="append", help="its name in the table")
     parser.add_argument("--json", default="loadtest/results/overhead.json")
     args = parser.parse_args(argv)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
