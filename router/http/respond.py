@@ -75,8 +75,7 @@ async def stream_response(
                     if continued is None:
                         await _end_broken(response, answer, metrics, exc.cause)
                         return response
-                    if answer is not first:
-                        answer.close()
+                    answer.close()  # idempotent: the broken worker's count ends now
                     answer = continued
     except TimeoutError:
         if not scope.expired():

@@ -233,3 +233,27 @@ async def test_a_client_that_hangs_up_during_a_migration_cancels_it(
         return int(counters["running"]) == 0 and int(counters["aborted"]) == 1
 
     await wait_for(aborted, what="the continuation cancelled on the second worker")
+
+
+async def test_the_broken_workers_in_flight_count_ends_when_the_stream_moves_on(
+    sims: SimFactory, gateway: GatewayFactory, http: aiohttp.ClientSession
+) -> None:
+    dying, healthy = await sims(2, time_scale=1.0)
+    url = await gateway(gateway_config([dying.url, healthy.url], pool=ROUND_ROBIN))
+    await _die(http, dying.url, after=3)
+    async with http.post(url + "/v1/chat/completions", json=_chat(max_tokens=200)) as resp:
+        for _ in range(10):
+            await resp.content.readuntil(b"\n\n")  # past the seam: the continuation streams
+
+        async def in_flight() -> dict[str, float]:
+            async with http.get(url + "/metrics") as r:
+                text = await r.text()
+            return {
+                s.labels["worker"]: s.value
+                for family in text_string_to_metric_families(text)
+                for s in family.samples
+                if s.name == "prefix_router_worker_in_flight"
+            }
+
+        assert await in_flight() == {f"{MODEL}/0": 0.0, f"{MODEL}/1": 1.0}
+        await resp.read()
