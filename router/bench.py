@@ -10,6 +10,7 @@ BENCHMARKS = {
     "routing": "loadtest.bench_routing",
     "index": "loadtest.bench_index",
     "soak": "loadtest.bench_soak",
+    "migration": "loadtest.bench_migration",
     "precise": "loadtest.bench_precise",
     "routing-report": "loadtest.routing_charts",
 }

@@ -38,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     key_hash = keys_sub.add_parser("hash", help="print the SHA-256 of KEY (- reads stdin)")
     key_hash.add_argument("key")
     bench = sub.add_parser(
-        "bench", help="benchmarks: overhead, routing, index, soak, precise, routing-report"
+        "bench",
+        help="benchmarks: overhead, routing, index, soak, migration, precise, routing-report",
     )
     bench.add_argument("name", choices=sorted(BENCHMARKS))
     bench.add_argument("args", nargs=argparse.REMAINDER, help="options of that benchmark")
