@@ -265,5 +265,63 @@ class GatewayMetrics:
         self.redis_up.set(0)
         r.register(_WorkerCollector(workers))
 
+        self._models: dict[str, ModelSeries] = {}
+        self._policies: dict[str, PolicySeries] = {}
+
+    def model(self, name: str) -> ModelSeries:
+        """The per-request series of one model, bound once (model names come from the config,
+        so this stays as small as the config)."""
+        series = self._models.get(name)
+        if series is None:
+            series = self._models[name] = ModelSeries(self, name)
+        return series
+
+    def policy(self, name: str) -> PolicySeries:
+        series = self._policies.get(name)
+        if series is None:
+            series = self._policies[name] = PolicySeries(self, name)
+        return series
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class ModelSeries:
+    """One model's children of the per-request metrics: `.labels()` on every request costs a
+    lock and a tuple check per series, a dozen times a request."""
+
+    def __init__(self, metrics: GatewayMetrics, model: str) -> None:
+        self._metrics = metrics
+        self._model = model
+        self.request_duration = metrics.request_duration.labels(model)
+        self.ttft = metrics.ttft.labels(model)
+        self.inter_token = metrics.inter_token.labels(model)
+        self.gateway_overhead = metrics.gateway_overhead.labels(model)
+        self.prompt_tokens = metrics.prompt_tokens.labels(model)
+        self.cached_tokens = metrics.cached_tokens.labels(model)
+        self.completion_tokens = metrics.completion_tokens.labels(model)
+        self._requests: dict[tuple[int, str], Counter] = {}
+
+    def requests(self, status: int, policy: str) -> Counter:
+        child = self._requests.get((status, policy))
+        if child is None:
+            child = self._metrics.requests.labels(self._model, str(status), policy)
+            self._requests[(status, policy)] = child
+        return child
+
+
+class PolicySeries:
+    """One policy's children of the per-decision metrics."""
+
+    def __init__(self, metrics: GatewayMetrics, policy: str) -> None:
+        self._metrics = metrics
+        self._policy = policy
+        self.decision_time = metrics.decision_time.labels(policy)
+        self.matched_ratio = metrics.matched_ratio.labels(policy)
+        self._decisions: dict[str, Counter] = {}
+
+    def decisions(self, reason: str) -> Counter:
+        child = self._decisions.get(reason)
+        if child is None:
+            child = self._decisions[reason] = self._metrics.decisions.labels(self._policy, reason)
+        return child

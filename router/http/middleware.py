@@ -115,20 +115,20 @@ def _record(
         policy = pool.policy.name if pool else "-"
     if result is not None and result.status and status != CLIENT_GONE:
         status = result.status  # what the worker answered (a stream's 200 was sent early)
-    m = state.metrics
-    m.requests.labels(model, str(status), policy).inc()
-    m.request_duration.labels(model).observe(elapsed)
+    m = state.metrics.model(model)
+    m.requests(status, policy).inc()
+    m.request_duration.observe(elapsed)
     usage = result.usage if result is not None else None
     if result is not None:
         if result.ttft_s is not None:
-            m.ttft.labels(model).observe(result.ttft_s)
+            m.ttft.observe(result.ttft_s)
         if usage is not None:
-            m.prompt_tokens.labels(model).inc(usage.prompt_tokens)
-            m.cached_tokens.labels(model).inc(usage.cached_tokens)
-            m.completion_tokens.labels(model).inc(usage.completion_tokens)
+            m.prompt_tokens.inc(usage.prompt_tokens)
+            m.cached_tokens.inc(usage.cached_tokens)
+            m.completion_tokens.inc(usage.completion_tokens)
         overhead_s = _overhead_s(result, started, first_byte_at)
         if overhead_s is not None:
-            m.gateway_overhead.labels(model).observe(overhead_s)
+            m.gateway_overhead.observe(overhead_s)
     worker = result.worker.id if result and result.worker else None
     ok = status == 200 and not (result is not None and result.stream_broken)
     state.stats.record(

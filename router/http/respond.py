@@ -51,7 +51,7 @@ async def stream_response(
     response.headers["Cache-Control"] = "no-cache"
     decorate(response, call, answer.decision)
     await response.prepare(request)
-    gaps = metrics.inter_token.labels(call.pool.name)
+    gaps = metrics.model(call.pool.name).inter_token
     last_write = 0.0
     first = answer
     scope = asyncio.timeout_at(deadline)

@@ -139,13 +139,11 @@ class Dispatcher:
     def _record_decision(
         self, policy: str, decision: Decision, routing: RoutingRequest, t0: float
     ) -> None:
-        m = self._metrics
-        m.decision_time.labels(policy).observe(time.perf_counter() - t0)
-        m.decisions.labels(policy, decision.reason).inc()
+        m = self._metrics.policy(policy)
+        m.decision_time.observe(time.perf_counter() - t0)
+        m.decisions(decision.reason).inc()
         if routing.prompt_tokens:
-            m.matched_ratio.labels(policy).observe(
-                min(1.0, decision.matched_tokens / routing.prompt_tokens)
-            )
+            m.matched_ratio.observe(min(1.0, decision.matched_tokens / routing.prompt_tokens))
 
     def _attempt_failed(self, call: UpstreamCall, decision: Decision, exc: AttemptFailed) -> None:
         worker = decision.worker
