@@ -12,6 +12,7 @@ from aiohttp import web
 from router.app import build_app
 from router.config import GatewayConfig
 from router.http.context import STATE
+from router.logs import FLUSH_EVERY_S, flush_logs
 
 log = logging.getLogger("prefix_router")
 
@@ -56,13 +57,22 @@ async def serve_until_stopped(config: GatewayConfig, config_path: str | None = N
         task.add_done_callback(reloads.discard)
 
     loop.add_signal_handler(signal.SIGHUP, reload)
+
+    async def flush_forever() -> None:
+        while True:
+            await asyncio.sleep(FLUSH_EVERY_S)
+            flush_logs()
+
+    flusher = loop.create_task(flush_forever())
     await stop.wait()
     # Drain: /ready fails from now on, the listener closes, and requests in flight (streams
     # included) get up to drain_timeout_s to finish before they are cancelled.
     state.draining = True
     log.info("stopping: draining in-flight requests for up to %gs", config.drain_timeout_s)
     await runner.cleanup()
+    flusher.cancel()
     log.info("stopped")
+    flush_logs()
 
 
 def run(config: GatewayConfig, config_path: str | None = None) -> None:

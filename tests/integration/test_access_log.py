@@ -3,6 +3,7 @@ routing YAML names."""
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 
@@ -11,7 +12,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from router.auth import hash_key
-from router.logs import JsonFormatter, setup_logging
+from router.logs import BatchedHandler, JsonFormatter, setup_logging
 from tests.conftest import MODEL, GatewayFactory, SimFactory, chat_body, gateway_config, wait_for
 
 KEY = "pr-team-key-0123456789"
@@ -77,7 +78,9 @@ def test_log_level_comes_from_the_routing_yaml() -> None:
         config = gateway_config(["http://127.0.0.1:9"], log_level="warning")
         setup_logging(config.log_level)
         assert root.level == logging.WARNING
-        assert isinstance(root.handlers[0].formatter, JsonFormatter)
+        (handler,) = root.handlers
+        assert isinstance(handler, BatchedHandler) and handler.target is not None
+        assert isinstance(handler.target.formatter, JsonFormatter)
     finally:
         root.handlers[:], level = saved
         root.setLevel(level)
@@ -119,3 +122,25 @@ async def test_a_client_that_hangs_up_is_a_499_before_and_after_the_first_byte(
         if sample.name == "prefix_router_requests_total" and sample.labels["status"] == "499"
     )
     assert hung_up == 2
+
+
+def test_log_lines_go_out_in_batches_and_warnings_at_once() -> None:
+    stream = io.StringIO()
+    target = logging.StreamHandler(stream)
+    handler = BatchedHandler(target)
+    logger = logging.getLogger("prefix_router.test_batches")
+    logger.propagate = False
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        logger.info("one")
+        logger.info("two")
+        assert stream.getvalue() == ""  # buffered: no write per line
+        logger.warning("three")
+        assert stream.getvalue().splitlines() == ["one", "two", "three"]
+        logger.info("four")
+        handler.flush()  # what the gateway's flush loop does every FLUSH_EVERY_S
+        assert stream.getvalue().splitlines()[-1] == "four"
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = True
