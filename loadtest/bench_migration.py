@@ -3,9 +3,9 @@
 Eight simulated workers (processes) behind one gateway, streamed chat open loop at `--rate`
 for `--seconds`. `--fault cut`: one worker cuts every stream after 3 chunks for the whole run;
 `--fault kill`: three workers are SIGKILLed at once halfway through. Every response is
-classified: whole (`[DONE]`), ended with an error event, failed before streaming, or silently
-truncated; the gateway's `prefix_router_stream_migrations_total` is read at the end. Run it
-with `--migrations 0` for the same run without migration.
+classified (`loadtest/outcomes.py`): whole, ended with an error event, failed before
+streaming, or silently truncated; the gateway's `prefix_router_stream_migrations_total` is read
+at the end. Run it with `--migrations 0` for the same run without migration.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import aiohttp
 import uvloop
 from prometheus_client.parser import text_string_to_metric_families
 
+from loadtest.outcomes import SILENT_TRUNCATION, error_code, stream_outcome
 from loadtest.procs import Fleet, start_gateway_process, start_sim, wait_ready
 from loadtest.stats import print_table, write_json
 
@@ -35,21 +36,14 @@ async def _one(session: aiohttp.ClientSession, url: str, i: int, outcomes: Count
     }
     try:
         async with session.post(url + "/v1/chat/completions", json=body) as resp:
-            if resp.status != 200:
-                outcomes[f"http_{resp.status}"] += 1
-                await resp.read()
-                return
             raw = await resp.read()
+            if resp.status != 200:
+                outcomes[f"http_{resp.status}:{error_code(raw)}"] += 1
+                return
     except (aiohttp.ClientError, TimeoutError):
         outcomes["failed_before_stream"] += 1
         return
-    tail = raw.rstrip().rsplit(b"\n", 1)[-1]
-    if tail == b"data: [DONE]":
-        outcomes["whole"] += 1
-    elif b'"error"' in tail:
-        outcomes["error_event"] += 1
-    else:
-        outcomes["SILENT_TRUNCATION"] += 1
+    outcomes[stream_outcome(raw)] += 1
 
 
 async def _migrations(session: aiohttp.ClientSession, url: str) -> dict[str, float]:
@@ -110,8 +104,9 @@ async def _main(args: argparse.Namespace) -> int:
         print_table(["outcome", "count"], sorted(outcomes.items()))
         print_table(["migration (cause/outcome)", "count"], sorted(migrations.items()))
         write_json(args.json, {"args": vars(args), "outcomes": outcomes, "migrations": migrations})
-        print(json.dumps({"error_events": outcomes["error_event"]}))
-        return 1 if outcomes["SILENT_TRUNCATION"] else 0
+        errors = sum(n for outcome, n in outcomes.items() if outcome.startswith("error_event"))
+        print(json.dumps({"error_events": errors}))
+        return 1 if outcomes[SILENT_TRUNCATION] else 0
     finally:
         fleet.stop()
 

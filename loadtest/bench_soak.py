@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import random
 import signal
 import time
@@ -19,6 +18,7 @@ from collections import Counter
 import aiohttp
 import uvloop
 
+from loadtest.outcomes import SILENT_TRUNCATION, error_code, stream_outcome
 from loadtest.procs import Fleet, Proc, start_gateway_process, start_sim, wait_ready
 from loadtest.stats import print_table, write_json
 
@@ -55,11 +55,7 @@ async def _one(
         async with session.post(url + "/v1/chat/completions", json=body) as resp:
             raw = await resp.read()
             if resp.status != 200:
-                try:
-                    code = json.loads(raw)["error"]["code"]
-                except (ValueError, KeyError, TypeError):
-                    code = "unparsed"
-                outcomes[f"http_{resp.status}:{code}"] += 1
+                outcomes[f"http_{resp.status}:{error_code(raw)}"] += 1
                 return
     except (aiohttp.ClientError, TimeoutError) as exc:
         outcomes[f"client:{type(exc).__name__}"] += 1
@@ -67,17 +63,7 @@ async def _one(
     if not stream:
         outcomes["ok"] += 1
         return
-    tail = raw.rstrip().rsplit(b"\n", 1)[-1]
-    if tail == b"data: [DONE]":
-        outcomes["ok"] += 1
-    elif tail.startswith(b"data: {") and b'"error"' in tail:
-        try:
-            code = json.loads(tail[6:])["error"]["code"]
-        except (ValueError, KeyError, TypeError):
-            code = "unparsed"
-        outcomes[f"error_event:{code}"] += 1
-    else:
-        outcomes["SILENT_TRUNCATION"] += 1
+    outcomes[stream_outcome(raw)] += 1
 
 
 async def _restarter(sims: list[Proc], args: argparse.Namespace, stop: asyncio.Event) -> int:
@@ -156,10 +142,10 @@ async def _main(args: argparse.Namespace) -> int:
         )
         rows: list[list[object]] = [["requests", total], ["ok", outcomes["ok"]]]
         rows += [[k, v] for k, v in sorted(failures.items())]
-        rows.append(["silent truncations", outcomes["SILENT_TRUNCATION"]])
+        rows.append(["silent truncations", outcomes[SILENT_TRUNCATION]])
         print_table(["outcome", "count"], rows)
         write_json(args.json, {"seconds": elapsed, "restarts": restarts, "outcomes": outcomes})
-        return 1 if outcomes["SILENT_TRUNCATION"] else 0
+        return 1 if outcomes[SILENT_TRUNCATION] else 0
     finally:
         fleet.stop()
 

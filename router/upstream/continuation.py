@@ -24,7 +24,7 @@ Kind = Literal["chat", "completions"]
 _ID = re.compile(rb'"id":"((?:[^"\\]|\\.)*)"')
 _CREATED = re.compile(rb'"created":(\d+)')
 _MODEL = re.compile(rb'"model":"((?:[^"\\]|\\.)*)"')
-_STRUCTURED = ("response_format", "guided_json", "guided_regex", "guided_choice", "guided_grammar")
+_GUIDED = ("guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs")
 
 
 def refusal(body: dict[str, Any], kind: Kind) -> str | None:
@@ -39,11 +39,9 @@ def refusal(body: dict[str, Any], kind: Kind) -> str | None:
     if body.get("logprobs") or body.get("top_logprobs"):
         return "logprobs"
     fmt = body.get("response_format")
-    if any(body.get(k) is not None for k in _STRUCTURED[1:]) or (
+    if any(body.get(k) is not None for k in _GUIDED) or (
         isinstance(fmt, dict) and fmt.get("type") not in (None, "text")
     ):
-        return "structured_output"
-    if body.get("structured_outputs") is not None:
         return "structured_output"
     if kind == "completions" and not isinstance(body.get("prompt"), str):
         return "prompt_shape"

@@ -45,7 +45,6 @@ class UpstreamClosed(ConnectionError):
 @dataclass(slots=True)
 class Head:
     status: int
-    headers: dict[str, str]
 
 
 class Connection(asyncio.Protocol):
@@ -67,7 +66,9 @@ class Connection(asyncio.Protocol):
         self._parser = httptools.HttpResponseParser(self)
         self._state = "idle"  # idle | head | body | until_close | eof | closed
         self._status = 0
-        self._headers: dict[str, str] = {}
+        self._encoding: bytes | None = None
+        """Transfer-Encoding of the response being read (repeated headers joined)."""
+        self._has_length = False
         self._header_count = 0
         self._head: Head | None = None
         self._body: collections.deque[bytes] = collections.deque()
@@ -144,29 +145,31 @@ class Connection(asyncio.Protocol):
     def on_message_begin(self) -> None:
         if self._state == "eof":
             raise UpstreamProtocolError("a second response to one request")
-        self._headers = {}
+        self._encoding = None
+        self._has_length = False
         self._header_count = 0
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._header_count += 1
         if self._header_count > _MAX_HEADERS:
             raise UpstreamProtocolError("too many response headers")
-        key = name.decode("latin-1").lower()
-        text = value.decode("latin-1")
-        previous = self._headers.get(key)
-        self._headers[key] = text if previous is None else f"{previous}, {text}"
+        # Only what framing needs: the relay reads no other response header.
+        key = name.lower()
+        if key == b"transfer-encoding":
+            self._encoding = value if self._encoding is None else self._encoding + b", " + value
+        elif key == b"content-length":
+            self._has_length = True
 
     def on_headers_complete(self) -> None:
         status = self._parser.get_status_code()
         if 100 <= status < 200:
             return  # an interim answer (100 Continue, 103 Early Hints): the real one follows
-        encoding = self._headers.get("transfer-encoding")
-        if encoding is not None and encoding.strip().lower() != "chunked":
+        encoding = self._encoding
+        if encoding is not None and encoding.strip().lower() != b"chunked":
             raise UpstreamProtocolError(f"unsupported Transfer-Encoding {encoding[:40]!r}")
         self._progress = True
-        self._head = Head(status, self._headers)
-        chunked = encoding is not None
-        delimited = chunked or "content-length" in self._headers or status in (204, 304)
+        self._head = Head(status)
+        delimited = encoding is not None or self._has_length or status in (204, 304)
         self._state = "body" if delimited else "until_close"
 
     def on_body(self, body: bytes) -> None:

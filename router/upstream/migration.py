@@ -60,15 +60,16 @@ class Migrator:
         """The rest of a broken stream from another worker, or None (the client then gets
         the error event)."""
         reason = self._refusal(answer, deadline)
+        if reason is not None:
+            self._metrics.stream_migrations.labels(cause, reason).inc()
+            return None
         call = answer.call
         plan, transcript = call.migration, call.transcript
-        text = transcript.text() if transcript is not None else None
-        if reason is None and text is None:
-            reason = "too_long"
-        if reason is not None or plan is None or transcript is None or text is None:
-            self._metrics.stream_migrations.labels(cause, reason or "not_enabled").inc()
+        assert plan is not None and transcript is not None and transcript.identity is not None
+        text = transcript.text()
+        if text is None:
+            self._metrics.stream_migrations.labels(cause, "too_long").inc()
             return None
-        assert transcript.identity is not None
         sent = transcript.tokens
         body = continuation_body(plan.body, plan.kind, text, sent)
         if body is None:
