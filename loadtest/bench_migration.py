@@ -20,7 +20,7 @@ import aiohttp
 import uvloop
 from prometheus_client.parser import text_string_to_metric_families
 
-from loadtest.outcomes import SILENT_TRUNCATION, error_code, stream_outcome
+from loadtest.outcomes import SILENT_TRUNCATION, chat_outcome
 from loadtest.procs import Fleet, start_gateway_process, start_sim, wait_ready
 from loadtest.stats import print_table, write_json
 
@@ -34,16 +34,7 @@ async def _one(session: aiohttp.ClientSession, url: str, i: int, outcomes: Count
         "max_tokens": 48,
         "messages": [{"role": "user", "content": f"conversation {i} " * 30}],
     }
-    try:
-        async with session.post(url + "/v1/chat/completions", json=body) as resp:
-            raw = await resp.read()
-            if resp.status != 200:
-                outcomes[f"http_{resp.status}:{error_code(raw)}"] += 1
-                return
-    except (aiohttp.ClientError, TimeoutError):
-        outcomes["failed_before_stream"] += 1
-        return
-    outcomes[stream_outcome(raw)] += 1
+    outcomes[await chat_outcome(session, url, body)] += 1
 
 
 async def _migrations(session: aiohttp.ClientSession, url: str) -> dict[str, float]:

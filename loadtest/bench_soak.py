@@ -18,7 +18,7 @@ from collections import Counter
 import aiohttp
 import uvloop
 
-from loadtest.outcomes import SILENT_TRUNCATION, error_code, stream_outcome
+from loadtest.outcomes import SILENT_TRUNCATION, chat_outcome
 from loadtest.procs import Fleet, Proc, start_gateway_process, start_sim, wait_ready
 from loadtest.stats import print_table, write_json
 
@@ -51,19 +51,7 @@ async def _one(
         "max_tokens": 32,
         "messages": [{"role": "user", "content": f"soak request {i % 500} " * 8}],
     }
-    try:
-        async with session.post(url + "/v1/chat/completions", json=body) as resp:
-            raw = await resp.read()
-            if resp.status != 200:
-                outcomes[f"http_{resp.status}:{error_code(raw)}"] += 1
-                return
-    except (aiohttp.ClientError, TimeoutError) as exc:
-        outcomes[f"client:{type(exc).__name__}"] += 1
-        return
-    if not stream:
-        outcomes["ok"] += 1
-        return
-    outcomes[stream_outcome(raw)] += 1
+    outcomes[await chat_outcome(session, url, body)] += 1
 
 
 async def _restarter(sims: list[Proc], args: argparse.Namespace, stop: asyncio.Event) -> int:

@@ -7,6 +7,9 @@ client would take a cut answer for a whole one, the one outcome a gateway must n
 from __future__ import annotations
 
 import json
+from typing import Any
+
+import aiohttp
 
 SILENT_TRUNCATION = "SILENT_TRUNCATION"
 
@@ -27,3 +30,16 @@ def stream_outcome(raw: bytes) -> str:
     if tail.startswith(b"data: {") and b'"error"' in tail:
         return f"error_event:{error_code(tail[6:])}"
     return SILENT_TRUNCATION
+
+
+async def chat_outcome(session: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> str:
+    """Send one chat request and classify what came back: `http_<status>:<code>`,
+    `client:<error>` (nothing came), or for a stream its `stream_outcome` (else `ok`)."""
+    try:
+        async with session.post(url + "/v1/chat/completions", json=body) as resp:
+            raw = await resp.read()
+            if resp.status != 200:
+                return f"http_{resp.status}:{error_code(raw)}"
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        return f"client:{type(exc).__name__}"
+    return stream_outcome(raw) if body.get("stream") else "ok"
