@@ -31,6 +31,8 @@ class Tenant:
     admin: bool
     allow_routing_headers: bool
     limits: TenantLimits
+    cache_salt: str | None = None
+    """Added to every request's `cache_salt` (a secret: never logged)."""
 
     def may_use(self, model: str) -> bool:
         return "*" in self.models or model in self.models
@@ -62,6 +64,7 @@ def _tenant(entry: ApiKeyConfig) -> Tenant:
         admin=entry.admin,
         allow_routing_headers=entry.allow_routing_headers,
         limits=entry.limits,
+        cache_salt=entry.cache_salt,
     )
 
 

@@ -203,6 +203,14 @@ class ApiKeyConfig(Strict):
         False, description="may steer routing with X-Route-To-Worker / X-Priority headers"
     )
     limits: TenantLimits = Field(default_factory=TenantLimits)
+    cache_salt: str | None = Field(
+        None,
+        min_length=16,
+        max_length=512,
+        description="a secret added to every request of this key as vLLM's cache_salt (a "
+        "client's own salt is appended to it): its prefix cache is shared only with keys of "
+        "the same salt, never with other tenants",
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> ApiKeyConfig:

@@ -28,6 +28,10 @@ class RoutingRequest:
     session_worker: str | None = None
     """The session's worker as the fleet's shared state knows it (another replica may have
     routed its previous turn); policies prefer it to their own memory."""
+    partition: str = ""
+    """The request's prefix-cache partition: its LoRA adapter and `cache_salt`, which vLLM
+    mixes into every block hash (routing/key.py `cache_partition`); "" for the base model
+    without a salt. Requests in different partitions share no cached block."""
     block_hashes: list[int] | None = None
     """vLLM's block hashes of the prompt (event ints), for pools in precise mode; `prompt_tokens`
     is then exact."""

@@ -113,6 +113,12 @@ def check_fields(body: dict[str, Any], kind: Kind, max_tokens_limit: int) -> int
         value = body.get(name)
         if value is not None and (not isinstance(value, int | float) or isinstance(value, bool)):
             raise InvalidRequest(f"`{name}` must be a number", param=name)
+    salt = body.get("cache_salt")
+    if salt is not None and (not isinstance(salt, str) or not 1 <= len(salt) <= 1024):
+        raise InvalidRequest(
+            "`cache_salt` must be a non-empty string of at most 1024 characters",
+            param="cache_salt",
+        )
     _opt_int(body, "n", 1, 16)
     tokens = _opt_int(body, "max_tokens", 1, max_tokens_limit)
     completion = _opt_int(body, "max_completion_tokens", 1, max_tokens_limit)

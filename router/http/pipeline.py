@@ -30,7 +30,7 @@ from router.result_cache import (
     entry_from_body,
     is_deterministic,
 )
-from router.routing.key import routing_key
+from router.routing.key import cache_partition, routing_key
 from router.upstream.call import CallResult, MigrationPlan, UpstreamCall
 from router.upstream.continuation import Kind as ContinuationKind
 from router.upstream.continuation import Transcript, refusal
@@ -86,7 +86,11 @@ async def forward_openai(
     tenant = request.get(TENANT) or state.auth.authenticate(request.headers)
     pool = state.registry.pool_for(body.get("model"))
     requested_tokens = max_tokens or DEFAULT_MAX_TOKENS
+    if tenant.cache_salt is not None:
+        salt_for_tenant(body, tenant.cache_salt)
+        raw = None  # the body changed: it is serialized again on the way out
     key = routing_key(body, kind)
+    partition = cache_partition(body, None)
     # Precise pools tokenize and hash the prompt as their workers will, once per request.
     precise = pool.keyer.key(body, kind == "chat") if pool.keyer is not None else None
     prompt_tokens = (
@@ -122,6 +126,7 @@ async def forward_openai(
                 request, state, pool, body, raw, kind, key, prompt_tokens, requested_tokens
             )
             call.routing.block_hashes = precise.block_hashes if precise else None
+            call.routing.partition = partition
             if call.stream:
                 plan_migration(call, body, kind)
             call.extra_headers = charge.headers
@@ -144,6 +149,14 @@ async def forward_openai(
     finally:
         usage = result.usage
         await charge.settle(usage.prompt_tokens + usage.completion_tokens if usage else None)
+
+
+def salt_for_tenant(body: dict[str, Any], salt: str) -> None:
+    """Put the tenant's secret salt in front of the request's own `cache_salt`: the request's
+    prefix cache is then its tenant's alone, whatever salt the client sent (a client cannot
+    name another tenant's partition)."""
+    own = body.get("cache_salt")
+    body["cache_salt"] = salt if own is None else f"{salt}:{own}"
 
 
 def _share_decision(

@@ -73,7 +73,7 @@ class HybridCost:
             return self._estimate_precise(request, candidates, self.precise, request.block_hashes)
         index = self.index
         index.sync_capacities(candidates)
-        keys = index.block_keys(request.key)
+        keys = index.block_keys(request.key, request.partition)
         matched = index.match(keys) if keys else {}
         prompt_tokens = request.prompt_tokens
         blocks = [matched.get(w.id, 0) for w in candidates]
@@ -217,7 +217,7 @@ class HybridCost:
         self.feedback.observe(worker, outcome)
         if outcome.answer_key is not None:
             index = self.index
-            index.insert(worker.id, index.block_keys(outcome.answer_key))
+            index.insert(worker.id, index.block_keys(outcome.answer_key, outcome.request.partition))
         if outcome.ttft_s is not None:
             prompt = outcome.prompt_tokens or outcome.request.prompt_tokens
             cached = decision.matched_tokens

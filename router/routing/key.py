@@ -38,6 +38,16 @@ def routing_key(body: Mapping[str, Any], kind: Literal["chat", "completions"]) -
     return "".join(parts)
 
 
+def cache_partition(body: Mapping[str, Any], adapter: str | None) -> str:
+    """The prefix-cache partition of a request: the LoRA adapter it names and its
+    `cache_salt`, the two things vLLM mixes into block hashes besides the tokens (so a prefix
+    cached under one partition is a miss under any other); "" for neither."""
+    salt = body.get("cache_salt")
+    if adapter is None and not isinstance(salt, str):
+        return ""
+    return f"{adapter or ''}{_FIELD}{salt if isinstance(salt, str) else ''}"
+
+
 def extend_key(key: str, answer: str, chat: bool) -> str:
     """The key of a prompt followed by its answer: what the next turn's key starts with."""
     if chat:

@@ -40,7 +40,7 @@ class PrefixAffinity:
     def pick(self, request: RoutingRequest, candidates: Sequence[Worker]) -> Decision:
         index = self.index
         index.sync_capacities(candidates)
-        keys = index.block_keys(request.key)
+        keys = index.block_keys(request.key, request.partition)
         loads = [w.in_flight for w in candidates]
         high, low = max(loads), min(loads)
         cfg = self._config

@@ -116,13 +116,20 @@ class PrefixIndex:
 
     # -- keys -------------------------------------------------------------------------------
 
-    def block_keys(self, key: str) -> list[int]:
-        """Chained 64-bit keys of `key`'s checkpoints, shallowest first."""
+    def block_keys(self, key: str, partition: str = "") -> list[int]:
+        """Chained 64-bit keys of `key`'s checkpoints, shallowest first.
+
+        A non-empty `partition` (the request's LoRA adapter and cache_salt, which vLLM mixes
+        into its block hashes) seeds the chain, so equal text in two partitions shares no key,
+        as it shares no KV block on a worker."""
         data = memoryview(key.encode("utf-8", "surrogatepass"))
         count = self._checkpoints.count(len(data) // self.block_chars)
         crc32, adler32 = zlib.crc32, zlib.adler32
         out: list[int] = []
         crc, adl, lo = 0, 1, 0
+        if partition:
+            seed = partition.encode("utf-8", "surrogatepass")
+            crc, adl = crc32(seed), adler32(seed)
         for hi in self._checkpoints.byte_offsets[:count]:
             segment = data[lo:hi]
             crc = crc32(segment, crc)

@@ -88,6 +88,7 @@ class Migrator:
                 prompt_tokens=pool.calibration.estimate_tokens(key),
                 max_tokens=max(1, call.routing.max_tokens - sent),
                 session_id=call.routing.session_id,
+                partition=call.routing.partition,
             ),
             seam=SeamRewriter(transcript.identity, plan.kind, sent),
             usage_offset=sent,

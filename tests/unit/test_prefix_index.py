@@ -127,3 +127,11 @@ def test_capacity_synced_from_worker_reports() -> None:
     w.kv_capacity_blocks = 10
     index.sync_capacities([w])
     assert index.stats().budget_per_worker == {"w": 160}
+
+
+def test_a_partition_keys_equal_text_apart() -> None:
+    index = PrefixIndex(IndexConfig())
+    text = "the same long prompt " * 40
+    plain, salted = index.block_keys(text), index.block_keys(text, "adapter\x1fsalt")
+    assert len(plain) == len(salted) and not set(plain) & set(salted)
+    assert index.block_keys(text, "adapter\x1fsalt") == salted  # stable
