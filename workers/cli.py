@@ -44,6 +44,8 @@ _SIM_FLAGS: dict[str, tuple[str, type]] = {
     "--chat-template": ("chat_template", str),
     "--ssl-certfile": ("ssl_certfile", str),
     "--ssl-keyfile": ("ssl_keyfile", str),
+    "--max-loras": ("max_loras", int),
+    "--lora-load-s": ("lora_load_s", float),
 }
 
 
@@ -82,6 +84,22 @@ def _build_parser() -> argparse.ArgumentParser:
         metavar="SPEC",
         help="inject a fault, e.g. 'status:status=503,count=2' (repeatable; see /sim/faults)",
     )
+    sim.add_argument(
+        "--lora-modules",
+        dest="lora_modules",
+        nargs="+",
+        type=_lora_arg,
+        default=None,
+        metavar="NAME=PATH",
+        help="serve LoRA adapters, as vLLM's flag (the simulator never reads PATH)",
+    )
+    sim.add_argument(
+        "--allow-runtime-lora-updating",
+        dest="runtime_lora_updating",
+        action="store_true",
+        default=None,
+        help="serve /v1/load_lora_adapter (vLLM: VLLM_ALLOW_RUNTIME_LORA_UPDATING=True)",
+    )
     add_agent_parser(commands)
     add_vllm_parser(commands)
     return parser
@@ -92,6 +110,13 @@ def _fault_arg(text: str) -> FaultSpec:
         return parse_fault_spec(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _lora_arg(text: str) -> tuple[str, str]:
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=PATH, got {text!r}")
+    return name, path
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -110,10 +135,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             ("cache_output_blocks", bool),
             ("export_kv_capacity", bool),
             ("faults", list),
+            ("runtime_lora_updating", bool),
         ]:
             value = getattr(args, dest)
             if value is not None:
                 fields[dest] = value
+        if args.lora_modules is not None:
+            fields["lora_modules"] = dict(args.lora_modules)
         try:
             config = SimConfig(**fields)
         except ValidationError as exc:

@@ -48,8 +48,11 @@ class PreciseKey:
 class PromptKeyer(Protocol):
     """Tokenizes and hashes a request body as a precise pool's workers will (routing's job)."""
 
-    def key(self, body: Mapping[str, Any], chat: bool) -> PreciseKey | None:
-        """None when the body cannot be rendered (the worker will refuse it too)."""
+    def key(
+        self, body: Mapping[str, Any], chat: bool, lora: tuple[str, str] | None = None
+    ) -> PreciseKey | None:
+        """None when the body cannot be rendered (the worker will refuse it too). `lora` is
+        the adapter the request names, as (name, path): vLLM hashes it into every block."""
         ...
 
 

@@ -3,8 +3,9 @@
 For a pool with `precise` configured, the handler tokenizes the body once as the pool's workers
 will (`vllm_wire.prompt_tokens`: same tokenizer, chat template and special tokens) and hashes the
 full blocks with vLLM's chained block hash (`vllm_wire.block_hash`: same block size, algorithm,
-seed, and `cache_salt` in block 0), keeping the low 64 bits that KV events carry. A body the
-tokenizer cannot render (the worker will answer 400 anyway) routes on the approximate key.
+seed, the LoRA adapter in every block and `cache_salt` in block 0), keeping the low 64 bits
+that KV events carry. A body the tokenizer cannot render (the worker will answer 400 anyway)
+routes on the approximate key.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 from router.config import PreciseConfig
 from router.domain.policy import PreciseKey
 from router.vllm_wire.block_hash import (
+    LoraKey,
     block_extra_keys,
     hash_block_tokens,
     none_hash,
@@ -36,17 +38,20 @@ class PreciseKeyer:
         )
         self._memo: dict[tuple[bytes, tuple[int, ...], Any], tuple[bytes, int]] = {}
 
-    def key(self, body: Mapping[str, Any], chat: bool) -> PreciseKey | None:
+    def key(
+        self, body: Mapping[str, Any], chat: bool, lora: LoraKey | None = None
+    ) -> PreciseKey | None:
         try:
             tokens = self.tokenizer.request_ids(body, chat)
         except PromptError:
             return None
         salt = body.get("cache_salt")
         return PreciseKey(
-            len(tokens), self._hashes(tokens, salt if isinstance(salt, str) and salt else None)
+            len(tokens),
+            self._hashes(tokens, salt if isinstance(salt, str) and salt else None, lora),
         )
 
-    def _hashes(self, tokens: Sequence[int], salt: str | None) -> list[int]:
+    def _hashes(self, tokens: Sequence[int], salt: str | None, lora: LoraKey | None) -> list[int]:
         """vLLM's chained block hashes, memoized per (parent, block): the prompts of one fleet
         share long prefixes (system prompts, earlier turns), and a dict hit costs a fraction of
         a SHA-256 over a pickled block."""
@@ -58,9 +63,10 @@ class PreciseKeyer:
             memo.clear()  # crude but bounded; a busy fleet refills the hot prefixes at once
         parent = none_hash(cfg.hash_algo, cfg.hash_seed)
         out: list[int] = []
+        first, rest = block_extra_keys(0, salt, lora=lora), block_extra_keys(1, salt, lora=lora)
         for index, start in enumerate(range(0, len(toks) - size + 1, size)):
             block = toks[start : start + size]
-            extra = block_extra_keys(0, salt) if index == 0 else None
+            extra = first if index == 0 else rest
             memo_key = (parent, block, extra)
             found = memo.get(memo_key)
             if found is None:

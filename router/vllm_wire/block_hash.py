@@ -60,17 +60,28 @@ def none_hash(algo: HashAlgo = "sha256", seed: str = DEFAULT_NONE_HASH_SEED) -> 
     return _digest(seed, algo)
 
 
-def block_extra_keys(
-    block_index: int, cache_salt: str | None, tagged_extras: bool = True
-) -> tuple[Any, ...] | None:
-    """Return the extra keys vLLM mixes into block ``block_index`` (only the salt is modelled).
+LoraKey = tuple[str, str]
+"""A LoRA adapter as vLLM's block hashes see it: (lora_name, lora_path)."""
 
-    The salt goes into block 0 only; later blocks inherit it through the chain. vLLM >= 0.31 tags
-    each extra (``("cache_salt", salt)``); older releases put the bare string.
+
+def block_extra_keys(
+    block_index: int,
+    cache_salt: str | None,
+    tagged_extras: bool = True,
+    lora: LoraKey | None = None,
+) -> tuple[Any, ...] | None:
+    """Return the extra keys vLLM mixes into block ``block_index`` (LoRA and salt are modelled).
+
+    In vLLM's order: the LoRA adapter on every block, then the salt in block 0 only (later
+    blocks inherit it through the chain). vLLM >= 0.31 tags each extra (``("lora", name,
+    path)``, ``("cache_salt", salt)``); older releases put the bare name and string.
     """
-    if cache_salt is None or block_index != 0:
-        return None
-    return (("cache_salt", cache_salt),) if tagged_extras else (cache_salt,)
+    extras: list[Any] = []
+    if lora is not None:
+        extras.append(("lora", *lora) if tagged_extras else lora[0])
+    if cache_salt is not None and block_index == 0:
+        extras.append(("cache_salt", cache_salt) if tagged_extras else cache_salt)
+    return tuple(extras) if extras else None
 
 
 def block_hashes(
@@ -80,6 +91,7 @@ def block_hashes(
     seed: str = DEFAULT_NONE_HASH_SEED,
     cache_salt: str | None = None,
     tagged_extras: bool = True,
+    lora: LoraKey | None = None,
 ) -> list[bytes]:
     """Return the chained digests of every *full* block of ``tokens`` (a partial tail is not)."""
     if block_size <= 0:
@@ -92,11 +104,12 @@ def block_hashes(
     parent = none_hash(algo, seed)
     out: list[bytes] = []
     append = out.append
-    extra = block_extra_keys(0, cache_salt, tagged_extras)
+    extra = block_extra_keys(0, cache_salt, tagged_extras, lora)
     parent = digest((parent, toks[0:block_size], extra), algo)
     append(parent)
+    rest = block_extra_keys(1, cache_salt, tagged_extras, lora)
     for start in range(block_size, n_full * block_size, block_size):
-        parent = digest((parent, toks[start : start + block_size], None), algo)
+        parent = digest((parent, toks[start : start + block_size], rest), algo)
         append(parent)
     return out
 
@@ -109,6 +122,7 @@ def extend_block_hashes(
     seed: str = DEFAULT_NONE_HASH_SEED,
     cache_salt: str | None = None,
     tagged_extras: bool = True,
+    lora: LoraKey | None = None,
 ) -> list[bytes]:
     """Append to ``hashes`` the digests of full blocks of ``tokens`` it does not cover yet.
 
@@ -123,7 +137,7 @@ def extend_block_hashes(
             hash_block_tokens(
                 parent,
                 tuple(tokens[start : start + block_size]),
-                block_extra_keys(index, cache_salt, tagged_extras),
+                block_extra_keys(index, cache_salt, tagged_extras, lora),
                 algo,
             )
         )

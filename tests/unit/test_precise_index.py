@@ -143,9 +143,10 @@ def test_memoized_block_hashes_equal_the_plain_chain() -> None:
     rng = random.Random(5)
     for algo in ("sha256", "sha256_cbor"):
         keyer = PreciseKeyer(PreciseConfig(tokenizer="word", hash_algo=algo))
-        for salt in (None, "tenant-a"):
+        for salt, lora in ((None, None), ("tenant-a", None), ("s", ("sql", "/a/sql"))):
             for n in (0, 15, 16, 33, 400):
                 tokens = [rng.randrange(50_000) for _ in range(n)]
-                plain = [to_event_int(d) for d in block_hashes(tokens, 16, algo, cache_salt=salt)]
-                assert keyer._hashes(tokens, salt) == plain  # computed
-                assert keyer._hashes(tokens, salt) == plain  # from the memo
+                digests = block_hashes(tokens, 16, algo, cache_salt=salt, lora=lora)
+                plain = [to_event_int(d) for d in digests]
+                assert keyer._hashes(tokens, salt, lora) == plain  # computed
+                assert keyer._hashes(tokens, salt, lora) == plain  # from the memo

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from router.vllm_wire.block_hash import block_hashes
-from workers.sim.cache import BlocksRemoved, BlocksStored, PrefixCache, SeqBlocks
+from workers.sim.cache import BlocksRemoved, BlocksStored, EventExtras, PrefixCache, SeqBlocks
 
 B = 16
 
@@ -40,7 +40,7 @@ def run_to_completion(
     seq = cache.allocate(hashes, len(toks), len(toks) + max_tokens)
     assert seq is not None
     hit_tokens = seq.num_hit_blocks * B
-    cache.commit(seq, hashes, toks, len(toks), salt)
+    cache.commit(seq, hashes, toks, len(toks), EventExtras(salt))
     cache.free(seq)
     return seq, hit_tokens
 
@@ -173,8 +173,8 @@ def test_stored_events_carry_parent_tokens_and_salt() -> None:
     hashes = block_hashes(toks, cache_salt="s")
     seq = cache.allocate(hashes, 64, 65)
     assert seq is not None
-    cache.commit(seq, hashes, toks, 20, "s")  # chunked prefill: one full block so far
-    cache.commit(seq, hashes, toks, 64, "s")
+    cache.commit(seq, hashes, toks, 20, EventExtras("s"))  # chunked prefill: one full block so far
+    cache.commit(seq, hashes, toks, 64, EventExtras("s"))
     first, second = listener.stored
     assert first.block_hashes == (hashes[0],) and first.parent_block_hash is None
     assert first.token_ids == tuple(toks[:16]) and first.extra_keys == (("s",),)
@@ -184,7 +184,7 @@ def test_stored_events_carry_parent_tokens_and_salt() -> None:
     cache.free(seq)
     again = cache.allocate(hashes, 64, 65)
     assert again is not None
-    cache.commit(again, hashes, toks, 64, "s")
+    cache.commit(again, hashes, toks, 64, EventExtras("s"))
     assert len(listener.stored) == 2
 
 
@@ -213,3 +213,18 @@ def test_reset_clears_everything_and_notifies() -> None:
     cache.end_step()
     assert cache.cached_blocks == 0 and listener.cleared == 1 and listener.steps == 1
     assert run_to_completion(cache, tokens(48))[1] == 0
+
+
+def test_stored_events_carry_the_adapter_on_every_block() -> None:
+    listener = RecordingListener()
+    cache = PrefixCache(16, B, [listener])
+    toks = tokens(48)
+    lora = ("sql-lora", "/adapters/sql")
+    hashes = block_hashes(toks, cache_salt="s", lora=lora)
+    assert hashes != block_hashes(toks, cache_salt="s")  # the adapter changes every hash
+    seq = cache.allocate(hashes, 48, 49)
+    assert seq is not None
+    cache.commit(seq, hashes, toks, 48, EventExtras("s", "sql-lora"))
+    (event,) = listener.stored
+    assert event.lora_name == "sql-lora"
+    assert event.extra_keys == (("sql-lora", "s"), ("sql-lora",), ("sql-lora",))

@@ -96,6 +96,7 @@ async def _serve(request: web.Request, kind: Kind) -> web.StreamResponse:
             state.config,
             state.tokenizer,
             request.headers.get("X-Request-Id"),
+            engine.adapters.paths,
         )
         words = next_words(parsed.prompt_ids, parsed.max_tokens, state.word_ids, state.config.seed)
         req = engine.submit(
@@ -104,6 +105,7 @@ async def _serve(request: web.Request, kind: Kind) -> web.StreamResponse:
             [state.word_ids[i] for i in words],
             parsed.cache_salt,
             stream_tokens=parsed.stream or fault is not None,  # faults strike at a token
+            lora=parsed.lora,
         )
     except SimAPIError as exc:
         return exc.response()
@@ -122,7 +124,7 @@ async def _serve(request: web.Request, kind: Kind) -> web.StreamResponse:
         body = full_response(
             parsed,
             int(time.time()),
-            state.config.model,
+            _served_name(state, parsed),
             "".join([WORD_TEXT[i] for i in words]),
             req.num_generated,
             req.num_cached_tokens,
@@ -143,7 +145,9 @@ async def _stream(
 ) -> web.StreamResponse:
     response = web.StreamResponse(headers=SSE_HEADERS)
     await response.prepare(request)
-    encoder = StreamEncoder(parsed.kind, parsed.request_id, int(time.time()), state.config.model)
+    encoder = StreamEncoder(
+        parsed.kind, parsed.request_id, int(time.time()), _served_name(state, parsed)
+    )
     engine = state.engine
     write = response.write
     token_chunk = encoder.token_chunk
@@ -201,6 +205,11 @@ async def health(request: web.Request) -> web.Response:
     return web.Response(status=200)
 
 
+def _served_name(state: SimState, parsed: ParsedRequest) -> str:
+    """vLLM answers with the adapter's name when the request named one."""
+    return parsed.lora[0] if parsed.lora is not None else state.config.model
+
+
 async def models(request: web.Request) -> web.Response:
     state = request.app[SIM_STATE]
     cfg = state.config
@@ -229,7 +238,47 @@ async def models(request: web.Request) -> web.Response:
             }
         ],
     }
-    return web.json_response({"object": "list", "data": [card]})
+    # One card per adapter after the base model's, as vLLM lists them (no max_model_len).
+    adapters = [
+        {**card, "id": name, "root": path, "parent": cfg.model, "max_model_len": None}
+        for name, path in state.engine.adapters.paths.items()
+    ]
+    return web.json_response({"object": "list", "data": [card, *adapters]})
+
+
+async def load_lora_adapter(request: web.Request) -> web.Response:
+    """vLLM's runtime load: 200 with a plain-text success line, 400 on a bad or duplicate name."""
+    adapters = request.app[SIM_STATE].engine.adapters
+    body = await _json_object(request)
+    name, path = body.get("lora_name"), body.get("lora_path")
+    if not isinstance(name, str) or not name or not isinstance(path, str) or not path:
+        return bad_request("Both 'lora_name' and 'lora_path' must be provided.").response()
+    if name in adapters.paths and body.get("load_inplace") is not True:
+        return bad_request(f"The lora adapter '{name}' has already been loaded.").response()
+    adapters.register(name, path)
+    return web.Response(text=f"Success: LoRA adapter '{name}' added successfully.")
+
+
+async def unload_lora_adapter(request: web.Request) -> web.Response:
+    adapters = request.app[SIM_STATE].engine.adapters
+    body = await _json_object(request)
+    name = body.get("lora_name")
+    if not isinstance(name, str) or not name:
+        return bad_request("'lora_name' needs to be provided to unload a LoRA adapter.").response()
+    if name not in adapters.paths:
+        return SimAPIError(
+            404, f"The lora adapter '{name}' cannot be found.", "NotFoundError"
+        ).response()
+    adapters.unregister(name)
+    return web.Response(text=f"Success: LoRA adapter '{name}' removed successfully.")
+
+
+async def _json_object(request: web.Request) -> dict[str, object]:
+    try:
+        body = await request.json()
+    except ValueError:
+        return {}
+    return body if isinstance(body, dict) else {}
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -256,6 +305,8 @@ async def sim_counters(request: web.Request) -> web.Response:
             "num_gpu_blocks": state.cache.num_blocks,
             "kv_cache_usage": state.cache.usage,
             "faults_injected": request.app[faults.SIM_FAULTS].injected,
+            "lora_loads": engine.adapters.loads,
+            "lora_resident": engine.adapters.resident,
         }
     )
 
@@ -299,6 +350,9 @@ def build_sim_app(config: SimConfig) -> web.Application:
     app.router.add_get("/health", health)
     app.router.add_get("/v1/models", models)
     app.router.add_get("/metrics", metrics)
+    if config.runtime_lora_updating:  # else 404, as vLLM without the environment variable
+        app.router.add_post("/v1/load_lora_adapter", load_lora_adapter)
+        app.router.add_post("/v1/unload_lora_adapter", unload_lora_adapter)
     app.router.add_get("/sim/counters", sim_counters)
     app.router.add_post("/sim/reset", sim_reset)
     faults.install_faults(app, faults.FaultInjector(config.faults, config.fault_seed))

@@ -31,6 +31,15 @@ class BlocksStored:
     token_ids: tuple[int, ...]
     block_size: int
     extra_keys: tuple[tuple[Any, ...] | None, ...] | None  # untagged, one per block, as events say
+    lora_name: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EventExtras:
+    """What a sequence's KV events say beyond its tokens: its salt and LoRA adapter."""
+
+    cache_salt: str | None = None
+    lora_name: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,7 +180,7 @@ class PrefixCache:
         hashes: Sequence[bytes],
         tokens: Sequence[int],
         num_computed_tokens: int,
-        cache_salt: str | None = None,
+        extras: EventExtras | None = None,
     ) -> None:
         """Register the sequence's blocks that are now fully computed under their hashes."""
         upto = min(num_computed_tokens // self.block_size, len(hashes), len(seq.blocks))
@@ -189,7 +198,7 @@ class PrefixCache:
                 stored.append(index)
         seq.num_committed = upto
         if stored and self._listeners:
-            self._publish_stored(stored, hashes, tokens, cache_salt)
+            self._publish_stored(stored, hashes, tokens, extras or EventExtras())
 
     def free(self, seq: SeqBlocks) -> None:
         """Release a finished or aborted sequence's blocks, tail first (vLLM's order)."""
@@ -223,7 +232,7 @@ class PrefixCache:
         stored: list[int],
         hashes: Sequence[bytes],
         tokens: Sequence[int],
-        cache_salt: str | None,
+        extras: EventExtras,
     ) -> None:
         # Split into runs of consecutive indexes: one event per contiguous run, like vLLM's
         # cache_full_blocks, whose parent is the block just before the run.
@@ -236,15 +245,26 @@ class PrefixCache:
                 runs.append([index])
         for run in runs:
             first, last = run[0], run[-1]
-            extras: tuple[tuple[Any, ...] | None, ...] | None = None
-            if cache_salt is not None and first == 0:
-                extras = ((cache_salt,), *([None] * (len(run) - 1)))
             event = BlocksStored(
                 block_hashes=tuple(hashes[i] for i in run),
                 parent_block_hash=hashes[first - 1] if first > 0 else None,
                 token_ids=tuple(tokens[first * size : (last + 1) * size]),
                 block_size=size,
-                extra_keys=extras,
+                extra_keys=_event_extra_keys(extras, first, len(run)),
+                lora_name=extras.lora_name,
             )
             for listener in self._listeners:
                 listener.blocks_stored(event)
+
+
+def _event_extra_keys(
+    extras: EventExtras, first: int, count: int
+) -> tuple[tuple[Any, ...] | None, ...] | None:
+    """Per block, the untagged extras vLLM's events carry: the adapter name on every block,
+    the salt on block 0 only; None when no block has any."""
+    lora = (extras.lora_name,) if extras.lora_name is not None else ()
+    salt = (extras.cache_salt,) if extras.cache_salt is not None else ()
+    if not lora and not (salt and first == 0):
+        return None
+    keys = [(*lora, *salt) if first + i == 0 else lora for i in range(count)]
+    return tuple(k or None for k in keys)

@@ -54,6 +54,17 @@ class SimConfig(BaseModel):
     decode_s_per_seq: float = Field(default=1e-4, ge=0.0)
     time_scale: float = Field(default=1.0, ge=0.0)
 
+    # LoRA (vLLM --enable-lora): adapters served from the start, GPU slots, and the cost of
+    # loading one into a slot; runtime updates as with VLLM_ALLOW_RUNTIME_LORA_UPDATING=True.
+    lora_modules: dict[str, str] = Field(
+        default_factory=dict, description="adapter name -> path (the path is never read)"
+    )
+    max_loras: int = Field(default=1, ge=1, description="distinct adapters per batch")
+    lora_load_s: float = Field(default=0.05, ge=0.0, description="loading an adapter into a slot")
+    runtime_lora_updating: bool = Field(
+        default=False, description="serve /v1/load_lora_adapter and /v1/unload_lora_adapter"
+    )
+
     seed: int = Field(default=0, description="seed of the generated words")
 
     # Tokenization: the word tokenizer unless a real model's tokenizer.json is named.
@@ -76,6 +87,10 @@ class SimConfig(BaseModel):
     kv_events_format: EventFormat = Field(default="map", description="map: >= 0.24, array: old")
     kv_events_topic: str = ""
     kv_events_buffer_steps: int = Field(default=10000, ge=1, description="batches kept for replay")
+
+    @property
+    def enable_lora(self) -> bool:
+        return bool(self.lora_modules) or self.runtime_lora_updating
 
     @model_validator(mode="after")
     def _check_geometry(self) -> SimConfig:

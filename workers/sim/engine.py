@@ -16,108 +16,27 @@ cached, so the prefill already done still helps later requests.
 from __future__ import annotations
 
 import asyncio
-import enum
 import math
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, fields
 
-from router.vllm_wire.block_hash import block_extra_keys, block_hashes, hash_block_tokens, none_hash
-from workers.sim.cache import PrefixCache, SeqBlocks
+from router.vllm_wire.block_hash import (
+    LoraKey,
+    block_extra_keys,
+    block_hashes,
+    hash_block_tokens,
+    none_hash,
+)
+from workers.sim.cache import PrefixCache
 from workers.sim.config import SimConfig
+from workers.sim.lora import SimAdapters
+from workers.sim.sequence import RequestState, SimCounters, SimRequest
 
-
-class RequestState(enum.Enum):
-    WAITING = "waiting"
-    RUNNING = "running"
-    FINISHED = "finished"
-    ABORTED = "aborted"
+__all__ = ["RequestState", "RequestTooLargeError", "SimCounters", "SimEngine", "SimRequest"]
 
 
 class RequestTooLargeError(ValueError):
     """The request can never fit in the KV cache, however empty (a 400 for the client)."""
-
-
-@dataclass(slots=True)
-class SimCounters:
-    """Exact counters since start or the last reset; the Prometheus view is derived from these."""
-
-    requests: int = 0
-    prompt_tokens: int = 0  # prompt tokens of admitted requests (vLLM prefix_cache_queries too)
-    cached_tokens: int = 0  # prefix-cache hits, in tokens
-    generation_tokens: int = 0
-    finished: int = 0
-    aborted: int = 0
-    preempted: int = 0  # never non-zero today: blocks are reserved at admission
-    finished_by_reason: dict[str, int] = field(default_factory=dict)
-
-    def reset(self) -> None:
-        for f in fields(self):
-            if f.name == "finished_by_reason":
-                self.finished_by_reason.clear()
-            else:
-                setattr(self, f.name, 0)
-
-
-class SimRequest:
-    """One request's life in the engine; its consumer reads ``num_generated`` and ``state``."""
-
-    __slots__ = (
-        "all_tokens",
-        "arrival_s",
-        "blocks",
-        "cache_salt",
-        "finish_reason",
-        "finish_s",
-        "first_token_s",
-        "hashes",
-        "max_tokens",
-        "num_cached_tokens",
-        "num_computed",
-        "num_generated",
-        "num_prompt",
-        "request_id",
-        "slow_credit",
-        "slowdown",
-        "state",
-        "stream_tokens",
-        "waiter",
-    )
-
-    def __init__(
-        self,
-        request_id: str,
-        prompt_ids: Sequence[int],
-        output_ids: Sequence[int],
-        hashes: list[bytes],
-        cache_salt: str | None,
-        arrival_s: float,
-        stream_tokens: bool,
-    ) -> None:
-        self.request_id = request_id
-        self.stream_tokens = stream_tokens  # wake the consumer per token, or only when done
-        self.all_tokens: list[int] = [*prompt_ids, *output_ids]
-        self.num_prompt = len(prompt_ids)
-        self.max_tokens = len(output_ids)
-        self.hashes = hashes
-        self.cache_salt = cache_salt
-        self.arrival_s = arrival_s
-        self.first_token_s: float | None = None
-        self.finish_s: float | None = None
-        self.finish_reason: str | None = None
-        self.num_computed = 0  # prompt tokens whose KV exists
-        self.num_cached_tokens = 0
-        self.num_generated = 0
-        self.blocks: SeqBlocks | None = None
-        self.state = RequestState.WAITING
-        self.waiter: asyncio.Future[None] | None = None
-        # Fault injection: steps per decoded token (inf pauses decoding), and steps banked so far.
-        self.slowdown = 1.0
-        self.slow_credit = 0.0
-
-    @property
-    def done(self) -> bool:
-        return self.state is RequestState.FINISHED or self.state is RequestState.ABORTED
 
 
 FinishCallback = Callable[[SimRequest], None]
@@ -126,9 +45,13 @@ FinishCallback = Callable[[SimRequest], None]
 class SimEngine:
     """The scheduler and step clock; ``run()`` is the single task that drives it."""
 
-    def __init__(self, config: SimConfig, cache: PrefixCache) -> None:
+    def __init__(
+        self, config: SimConfig, cache: PrefixCache, adapters: SimAdapters | None = None
+    ) -> None:
         self.config = config
         self.cache = cache
+        self.adapters = adapters or SimAdapters(dict(config.lora_modules), config.max_loras)
+        self._load_s = 0.0  # adapter loads of the step being scheduled
         self.counters = SimCounters()
         self._waiting: deque[SimRequest] = deque()
         self._running: dict[SimRequest, None] = {}  # insertion-ordered set, O(1) removal
@@ -147,6 +70,12 @@ class SimEngine:
     def num_waiting(self) -> int:
         return len(self._waiting)
 
+    def adapters_in_use(self) -> tuple[list[str], list[str]]:
+        """Adapter names of the running and of the waiting requests (vLLM's metric labels)."""
+        running = [r.lora[0] for r in self._running if r.lora is not None]
+        waiting = [r.lora[0] for r in self._waiting if r.lora is not None]
+        return running, waiting
+
     def add_finish_callback(self, callback: FinishCallback) -> None:
         """Called once per request when it finishes or is aborted (metrics, later KV events)."""
         self._finish_callbacks.append(callback)
@@ -160,6 +89,7 @@ class SimEngine:
         output_ids: Sequence[int],
         cache_salt: str | None = None,
         stream_tokens: bool = True,
+        lora: LoraKey | None = None,
     ) -> SimRequest:
         """Queue a request that will generate exactly ``output_ids``."""
         cfg = self.config
@@ -172,10 +102,12 @@ class SimEngine:
                 f"{self.cache.num_blocks * self._block_size}"
             )
         hashes = block_hashes(
-            prompt_ids, self._block_size, cfg.hash_algo, cfg.hash_seed, cache_salt
+            prompt_ids, self._block_size, cfg.hash_algo, cfg.hash_seed, cache_salt, lora=lora
         )
         now = asyncio.get_running_loop().time()
-        req = SimRequest(request_id, prompt_ids, output_ids, hashes, cache_salt, now, stream_tokens)
+        req = SimRequest(
+            request_id, prompt_ids, output_ids, hashes, cache_salt, now, stream_tokens, lora
+        )
         self._waiting.append(req)
         self.counters.requests += 1
         self._wakeup.set()
@@ -248,6 +180,7 @@ class SimEngine:
                     cfg.step_overhead_s
                     + n_prefill * cfg.prefill_s_per_token
                     + len(decode) * cfg.decode_s_per_seq
+                    + self._load_s
                 ) * cfg.time_scale
                 await asyncio.sleep(duration_s)  # sleep(0) still yields to the loop
                 self._apply(prefill, decode, loop.time())
@@ -272,8 +205,20 @@ class SimEngine:
                 budget -= n
         waiting = self._waiting
         counters = self.counters
+        adapters = self.adapters
+        active = {r.lora[0] for r in self._running if r.lora is not None}
+        skipped: list[SimRequest] = []  # their adapter found no slot: later ones go first
+        self._load_s = 0.0
         while waiting and budget > 0 and len(self._running) < cfg.max_num_seqs:
             req = waiting[0]
+            if req.lora is not None:
+                loaded = adapters.admit(req.lora[0], active)
+                if loaded is None:
+                    skipped.append(waiting.popleft())
+                    continue
+                active.add(req.lora[0])
+                if loaded:
+                    self._load_s += cfg.lora_load_s
             total = req.num_prompt + req.max_tokens
             blocks = self.cache.allocate(req.hashes, req.num_prompt, total)
             if blocks is None:
@@ -289,6 +234,7 @@ class SimEngine:
             n = min(req.num_prompt - cached, budget)
             prefill.append((req, n))
             budget -= n
+        waiting.extendleft(reversed(skipped))
         return prefill, decode
 
     def _apply(
@@ -301,7 +247,7 @@ class SimEngine:
             if req.state is not running or req.blocks is None:
                 continue  # aborted while the step ran
             req.num_computed += n
-            cache.commit(req.blocks, req.hashes, req.all_tokens, req.num_computed, req.cache_salt)
+            cache.commit(req.blocks, req.hashes, req.all_tokens, req.num_computed, req.extras)
             if req.num_computed == req.num_prompt:
                 req.num_generated = 1  # the step that ends the prefill samples the first token
                 req.first_token_s = now
@@ -322,7 +268,7 @@ class SimEngine:
             computed = req.num_prompt + req.num_generated - 1
             if cache_output and computed // block_size > len(req.hashes) and req.blocks:
                 self._hash_next_block(req)
-                cache.commit(req.blocks, req.hashes, req.all_tokens, computed, req.cache_salt)
+                cache.commit(req.blocks, req.hashes, req.all_tokens, computed, req.extras)
         self.counters.generation_tokens += len(progressed)
         for req in progressed:
             if req.num_generated >= req.max_tokens:
@@ -345,7 +291,7 @@ class SimEngine:
             hash_block_tokens(
                 parent,
                 tuple(req.all_tokens[start : start + self._block_size]),
-                block_extra_keys(index, req.cache_salt),
+                block_extra_keys(index, req.cache_salt, lora=req.lora),
                 self.config.hash_algo,
             )
         )

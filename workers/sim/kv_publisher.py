@@ -79,6 +79,7 @@ class SimKVEventPublisher:
                 token_ids=event.token_ids,
                 block_size=event.block_size,
                 medium=MEDIUM_GPU,
+                lora_name=event.lora_name,
                 extra_keys=event.extra_keys,
                 group_idx=0,
             )

@@ -18,6 +18,7 @@ from prometheus_client.registry import Collector
 
 from workers.sim.config import SimConfig
 from workers.sim.engine import RequestState, SimEngine, SimRequest
+from workers.sim.lora import LoraInfoSeries
 
 # vllm/v1/metrics/buckets.py
 TTFT_BUCKETS_S = (
@@ -39,6 +40,7 @@ class _EngineCollector(Collector):
         self._config = config
         self._engine = engine
         self._label_values = [config.model, "0"]
+        self._lora = LoraInfoSeries(config.max_loras) if config.enable_lora else None
 
     def _gauge(self, name: str, doc: str, value: float) -> GaugeMetricFamily:
         family = GaugeMetricFamily(name, doc, labels=_LABELS)
@@ -100,6 +102,25 @@ class _EngineCollector(Collector):
         for reason in FINISH_REASONS:
             success.add_metric([*self._label_values, reason], by_reason.get(reason, 0))
         yield success
+        if self._lora is not None:
+            # vLLM sets the series of the current (running, waiting) adapters to the time each
+            # step; the simulator does it when scraped, which is when anyone can tell.
+            self._lora.record(*engine.adapters_in_use())
+            lora = GaugeMetricFamily(
+                "vllm:lora_requests_info",
+                "Running stats on lora requests.",
+                labels=("max_lora", "running_lora_adapters", "waiting_lora_adapters"),
+            )
+            for labels, stamp in self._lora.samples():
+                lora.add_metric(
+                    [
+                        labels["max_lora"],
+                        labels["running_lora_adapters"],
+                        labels["waiting_lora_adapters"],
+                    ],
+                    stamp,
+                )
+            yield lora
         cfg = self._config
         if not cfg.export_kv_capacity:
             return  # as an OpenAI-compatible server that exports no cache config

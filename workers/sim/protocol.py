@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 from aiohttp import web
 
+from router.vllm_wire.block_hash import LoraKey
 from workers.sim.config import SimConfig
 from workers.sim.tokenizer import OUTPUT_WORDS, PromptError, PromptTokenizer
 
@@ -72,6 +73,8 @@ class ParsedRequest:
     stream: bool
     include_usage: bool
     cache_salt: str | None
+    lora: LoraKey | None = None
+    """The adapter the request's `model` names (None: the base model)."""
 
 
 def _max_tokens(body: Mapping[str, Any], kind: Kind, default: int) -> int:
@@ -92,8 +95,11 @@ def parse_request(
     config: SimConfig,
     tokenizer: PromptTokenizer,
     header_request_id: str | None,
+    adapters: Mapping[str, str] | None = None,
 ) -> ParsedRequest:
-    """Validate a completions or chat body and tokenize its prompt; raises ``SimAPIError``."""
+    """Validate a completions or chat body and tokenize its prompt; raises ``SimAPIError``.
+
+    `model` may name the base model or one of `adapters` (LoRA name -> path)."""
     try:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
@@ -101,13 +107,12 @@ def parse_request(
     if not isinstance(body, dict):
         raise bad_request("Request body must be a JSON object")
     model = body.get("model")
+    lora: LoraKey | None = None
     if model is not None and model != config.model:
-        raise SimAPIError(
-            404,
-            f"The model `{model}` does not exist. Valid aliases: {config.model}",
-            "NotFoundError",
-            "model",
-        )
+        path = adapters.get(model) if adapters is not None and isinstance(model, str) else None
+        if path is None:
+            raise SimAPIError(404, f"The model `{model}` does not exist.", "NotFoundError", "model")
+        lora = (model, path)
     try:
         prompt_ids = tokenizer.request_ids(body, chat=kind == "chat")
     except PromptError as exc:
@@ -137,7 +142,14 @@ def parse_request(
     prefix = "chatcmpl-" if kind == "chat" else "cmpl-"
     request_id = prefix + (rid if isinstance(rid, str) and rid else os.urandom(8).hex())
     return ParsedRequest(
-        kind, request_id, prompt_ids, max_tokens, bool(body.get("stream")), include_usage, salt
+        kind,
+        request_id,
+        prompt_ids,
+        max_tokens,
+        bool(body.get("stream")),
+        include_usage,
+        salt,
+        lora,
     )
 
 

@@ -1,0 +1,84 @@
+"""LoRA adapters of the simulated worker, modelled on vLLM's (`reference/vllm-pd-lora-
+continuation.md` §2): which adapters it serves, which sit in its `max_loras` GPU slots, and the
+`vllm:lora_requests_info` series.
+
+An adapter is served once registered (`--lora-modules`, or `POST /v1/load_lora_adapter` when
+runtime updating is allowed). A batch holds requests of at most `max_loras` distinct adapters;
+a request whose adapter is not in a slot takes a free one (or the least recently used idle one)
+and its step pays `lora_load_s` for the load, as vLLM pays to page an adapter onto the GPU.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Iterable
+
+from router.vllm_wire.block_hash import LoraKey
+
+_SERIES_KEPT = 256
+"""vLLM keeps every label combination it ever set; the simulator keeps the newest few."""
+
+
+class SimAdapters:
+    """Registered adapters (name -> path) and the GPU slots they occupy."""
+
+    def __init__(self, modules: dict[str, str], max_loras: int) -> None:
+        self.paths: dict[str, str] = dict(modules)
+        self.max_loras = max_loras
+        self._slots: OrderedDict[str, None] = OrderedDict()  # least recently used first
+        self.loads = 0
+
+    def key(self, name: str) -> LoraKey | None:
+        path = self.paths.get(name)
+        return None if path is None else (name, path)
+
+    def register(self, name: str, path: str) -> None:
+        self.paths[name] = path
+
+    def unregister(self, name: str) -> None:
+        self.paths.pop(name, None)
+        self._slots.pop(name, None)
+
+    def admit(self, name: str, active: set[str]) -> bool | None:
+        """Give `name` a slot for a step whose batch already runs adapters `active`: True if
+        it had to be loaded, False if it was resident, None if no slot can be freed now."""
+        if name in self._slots:
+            self._slots.move_to_end(name)
+            return False
+        if name not in active and len(active | {name}) > self.max_loras:
+            return None
+        if len(self._slots) >= self.max_loras:
+            idle = next((n for n in self._slots if n not in active), None)
+            if idle is None:
+                return None
+            del self._slots[idle]
+        self._slots[name] = None
+        self.loads += 1
+        return True
+
+    @property
+    def resident(self) -> list[str]:
+        return list(self._slots)
+
+
+class LoraInfoSeries:
+    """`vllm:lora_requests_info`: one gauge series per (running, waiting) pair ever seen, its
+    value the last time that pair was current (so the newest series is the present)."""
+
+    def __init__(self, max_loras: int) -> None:
+        self._max = str(max_loras)
+        self._series: OrderedDict[tuple[str, str], float] = OrderedDict()
+
+    def record(self, running: Iterable[str], waiting: Iterable[str]) -> None:
+        labels = (",".join(dict.fromkeys(running)), ",".join(dict.fromkeys(waiting)))
+        self._series[labels] = time.time()
+        self._series.move_to_end(labels)
+        while len(self._series) > _SERIES_KEPT:
+            self._series.popitem(last=False)
+
+    def samples(self) -> list[tuple[dict[str, str], float]]:
+        return [
+            ({"max_lora": self._max, "running_lora_adapters": r, "waiting_lora_adapters": w}, t)
+            for (r, w), t in self._series.items()
+        ]
