@@ -37,6 +37,7 @@ from router.upstream.dispatch import Dispatcher
 from router.upstream.health import HealthChecker
 from router.upstream.http1 import UpstreamClient
 from router.upstream.load_scrape import LoadScraper
+from router.upstream.lora_loader import AdapterLoader
 from router.upstream.migration import Migrator
 from router.upstream.outlier import OutlierDetector
 from router.upstream.relay import Relay
@@ -154,6 +155,7 @@ async def _upstream_client(app: web.Application) -> AsyncIterator[None]:
     )
     state.dispatcher = Dispatcher(relay, state.config.retries, outlier, state.metrics)
     state.migrator = Migrator(state.dispatcher, state.metrics)
+    state.adapters = AdapterLoader(session, state.metrics)
     state.on_reload.append(
         lambda config: state.dispatcher.reconfigure(config.timeouts, config.retries)
     )

@@ -216,6 +216,19 @@ class GatewayMetrics:
             ["cause", "outcome"],
             registry=r,
         )
+        self.lora_loads = Counter(
+            "prefix_router_lora_loads",
+            "LoRA adapters the gateway loaded onto a worker (dynamic_lora), by outcome",
+            ["pool", "outcome"],
+            registry=r,
+        )
+        self.pd_steps = Counter(
+            "prefix_router_pd_steps",
+            "Steps of requests in P/D pools: prefill and decode attempts and their outcomes "
+            "(ok, retried, no_params, restarted, failed), and requests sent to decode alone",
+            ["pool", "step", "outcome"],
+            registry=r,
+        )
         self.ejections = Counter(
             "prefix_router_worker_ejections",
             "Outlier ejections by the cause of the last failure",

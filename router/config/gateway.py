@@ -122,6 +122,11 @@ class WorkerConfig(Strict):
     url: str
     id: str | None = None
     kv_capacity_blocks: int | None = Field(None, ge=1)
+    role: Literal["prefill", "decode", "both"] = Field(
+        "both",
+        description="in a pool with prefill and decode workers (P/D disaggregation, vLLM's "
+        "NixlConnector), what this worker does; both: either, or a whole request",
+    )
 
     @field_validator("url")
     @classmethod
@@ -151,6 +156,22 @@ class PoolConfig(Strict):
     )
     migrations_in_flight: int = Field(
         32, ge=1, description="continuations this pool dispatches at once (a mass failure's cap)"
+    )
+    dynamic_lora: bool = Field(
+        False,
+        description="load a LoRA adapter no routable worker lists onto one (POST "
+        "/v1/load_lora_adapter; vLLM needs VLLM_ALLOW_RUNTIME_LORA_UPDATING=True)",
+    )
+    lora_adapters: dict[str, str] = Field(
+        default_factory=dict,
+        description="adapter name -> path: adapters served before any worker lists them "
+        "(for dynamic_lora); listed adapters are discovered from workers' /v1/models",
+    )
+    pd_min_uncached_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="P/D pools: send a request to one decode worker alone (no prefill step) "
+        "when fewer of its prompt tokens than this are uncached there; off by default",
     )
     fallback_pools: list[str] = Field(
         default_factory=list,

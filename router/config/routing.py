@@ -51,6 +51,18 @@ class HybridPolicy(Strict):
         " of concentration that a TTFT estimate does not see (a session's later turns follow"
         " its first, and every running sequence slows the worker's steps until it ends)",
     )
+    adapter_load_s: float = Field(
+        0.1,
+        ge=0,
+        description="LoRA: TTFT added on a worker whose batches do not run the request's "
+        "adapter (it has to load it)",
+    )
+    adapter_slot_wait_s: float = Field(
+        0.5,
+        ge=0,
+        description="LoRA: added on top when every adapter slot (vLLM's max_loras) of the "
+        "worker is taken by other adapters",
+    )
     queue_s_per_waiting: float = Field(
         0.05, ge=0, description="TTFT added per request waiting in the worker's own queue"
     )

@@ -28,6 +28,8 @@ class RoutingRequest:
     session_worker: str | None = None
     """The session's worker as the fleet's shared state knows it (another replica may have
     routed its previous turn); policies prefer it to their own memory."""
+    adapter: str | None = None
+    """The LoRA adapter the request names (None: the pool's base model)."""
     partition: str = ""
     """The request's prefix-cache partition: its LoRA adapter and `cache_salt`, which vLLM
     mixes into every block hash (routing/key.py `cache_partition`); "" for the base model

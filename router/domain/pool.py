@@ -49,12 +49,16 @@ class Pool:
             self._tls = client_context(self.config.tls)
         return self._tls
 
-    def candidates(self) -> list[Worker]:
-        routable = [w for w in self.workers if w.routable]
+    def candidates(self, adapter: str | None = None) -> list[Worker]:
+        """Who may take a request now; for a LoRA `adapter`, only workers that list it."""
+        workers = self.workers
+        if adapter is not None:
+            workers = [w for w in workers if adapter in w.adapters]
+        routable = [w for w in workers if w.routable]
         if routable:
             return routable
         # Panic mode: every healthy worker is ejected; routing to them beats refusing all.
-        return [w for w in self.workers if w.health is Health.HEALTHY and not w.draining]
+        return [w for w in workers if w.health is Health.HEALTHY and not w.draining]
 
     def has_healthy_worker(self) -> bool:
         return any(w.routable for w in self.workers)

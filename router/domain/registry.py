@@ -67,6 +67,7 @@ class Registry:
                 if worker is None:
                     worker = Worker(id=wc.id or f"{name}/{i}", url=wc.url, pool=name)
                 worker.kv_capacity_blocks = wc.kv_capacity_blocks
+                worker.role = wc.role
                 worker.ssl = pool.tls_context() if worker.endpoint.tls else None
                 if worker.id in workers:
                     worker.id = f"{worker.id}#{i}"
@@ -92,9 +93,21 @@ class Registry:
         return self._pools
 
     def pool_for(self, model: object, visible: Callable[[str], bool] = lambda _: True) -> Pool:
-        """The pool serving `model`; the error lists only the models of pools `visible`
-        (the caller's allow-list: a key learns nothing of models it may not use)."""
+        """The pool serving `model` (see `resolve`)."""
+        return self.resolve(model, visible)[0]
+
+    def resolve(
+        self, model: object, visible: Callable[[str], bool] = lambda _: True
+    ) -> tuple[Pool, str | None]:
+        """The pool serving `model`, and the LoRA adapter it names (None for a pool's own
+        name or alias): an adapter belongs to the pool whose workers list it, or whose YAML
+        names it. The error lists only the models of pools `visible` (the caller's
+        allow-list: a key learns nothing of models it may not use)."""
         pool = self._by_model.get(model) if isinstance(model, str) else None
+        if pool is None and isinstance(model, str):
+            pool = self._adapter_pool(model)
+            if pool is not None:
+                return pool, model
         if pool is None:
             names = sorted(m for m, p in self._by_model.items() if visible(p.name))
             raise ModelNotFound(
@@ -102,7 +115,22 @@ class Registry:
                 + (", ".join(names) or "none for this key"),
                 param="model",
             )
-        return pool
+        return pool, None
+
+    def _adapter_pool(self, adapter: str) -> Pool | None:
+        for pool in self._pools.values():
+            if adapter in pool.config.lora_adapters or any(
+                adapter in w.adapters for w in pool.workers
+            ):
+                return pool
+        return None
+
+    def adapters(self, pool: Pool) -> dict[str, str]:
+        """The adapters a pool serves: those its YAML names and those its workers list."""
+        found = dict(pool.config.lora_adapters)
+        for worker in pool.workers:
+            found.update(worker.adapters)
+        return found
 
     def add_worker(self, worker: Worker) -> None:
         if worker.id in self._workers:

@@ -12,8 +12,12 @@ import enum
 import ssl
 import time
 from dataclasses import dataclass, field
+from typing import Literal
 
 from router.config.endpoint import Endpoint, parse_endpoint
+
+Role = Literal["prefill", "decode", "both"]
+AdapterState = Literal["active", "room", "full"]
 
 
 class Health(enum.Enum):
@@ -33,6 +37,11 @@ class ReportedLoad:
     num_gpu_blocks: int | None = None
     prefix_hits: float = 0.0  # counters (tokens), summed over engines
     prefix_queries: float = 0.0
+    lora_running: frozenset[str] = frozenset()
+    """LoRA adapters of the requests in its batches and its queue (`vllm:lora_requests_info`,
+    newest series), and its adapter slots (`max_lora`; None when it reports no LoRA)."""
+    lora_waiting: frozenset[str] = frozenset()
+    max_lora: int | None = None
     updated_at: float = 0.0
 
 
@@ -60,6 +69,10 @@ class Worker:
     ejected_until: float = 0.0
     ejections: int = 0
     reported: ReportedLoad = field(default_factory=ReportedLoad)
+    role: Role = "both"
+    """What it does in a P/D pool: prefill, decode, or both (a whole request)."""
+    adapters: dict[str, str] = field(default_factory=dict)
+    """LoRA adapters it serves (name -> path), as its `/v1/models` lists them."""
     ssl: ssl.SSLContext | None = None
     """The pool's TLS context for an https:// worker (the registry sets it from the config)."""
     endpoint: Endpoint = field(init=False)
@@ -94,6 +107,17 @@ class Worker:
     def capacity_blocks(self) -> int | None:
         """KV capacity in blocks: configured value first, else what the worker reported."""
         return self.kv_capacity_blocks or self.reported.num_gpu_blocks
+
+    def adapter_cost(self, adapter: str) -> AdapterState:
+        """Where `adapter` stands on this worker: in its batches or queue already (`active`),
+        loadable into a free slot (`room`), or behind other adapters holding every slot."""
+        load = self.reported
+        in_use = load.lora_running | load.lora_waiting
+        if adapter in in_use:
+            return "active"
+        if load.max_lora is not None and len(in_use) >= load.max_lora:
+            return "full"
+        return "room"
 
     def begin(self, prefill_tokens: int = 0) -> Dispatch:
         """Count one request in flight until `Dispatch.end()` (the relay's answer ends it on

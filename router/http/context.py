@@ -29,6 +29,7 @@ from router.state.fleet_sync import FleetSync
 from router.stats import Stats
 from router.upstream.call import CallResult
 from router.upstream.dispatch import Dispatcher
+from router.upstream.lora_loader import AdapterLoader
 from router.upstream.migration import Migrator
 
 log = logging.getLogger("prefix_router")
@@ -48,6 +49,7 @@ class GatewayState:
     session: aiohttp.ClientSession | None = None
     dispatcher: Dispatcher = field(init=False)
     migrator: Migrator = field(init=False)
+    adapters: AdapterLoader = field(init=False)
     started_at: float = field(default_factory=time.monotonic)
     started_at_wall: float = field(default_factory=time.time)
     draining: bool = False

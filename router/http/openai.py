@@ -34,8 +34,11 @@ def allowed_pool(
     """The pool serving the body's model, if the caller may use it; and the max tokens asked."""
     require_model(body)
     tenant = request[TENANT]
-    pool = state.registry.pool_for(body.get("model"), tenant.may_use)
-    check_model(tenant, pool.name)
+    pool, adapter = state.registry.resolve(body.get("model"), tenant.may_use)
+    # An adapter is the pool's model fine-tuned: a key allowed the pool may use its adapters,
+    # and a key may be allowed one adapter alone.
+    if adapter is None or not tenant.may_use(adapter):
+        check_model(tenant, pool.name)
     return pool, check_fields(body, kind, pool.config.max_tokens_limit)
 
 
@@ -58,19 +61,23 @@ async def list_models(request: web.Request) -> web.Response:
     state = state_of(request)
     tenant = state.auth.authenticate(request.headers)  # 401 without a key, as vLLM answers
     now = int(state.started_at_wall or time.time())
-    data = []
+    data: list[dict[str, Any]] = []
     for name, pool in state.registry.pools.items():
-        if not tenant.may_use(name):
-            continue
-        for model in (name, *pool.config.aliases):
-            data.append(
-                {
-                    "id": model,
-                    "object": "model",
-                    "created": now,
-                    "owned_by": "prefix-router",
-                    "root": name,
-                    "parent": None,
-                }
-            )
+        pool_allowed = tenant.may_use(name)
+        if pool_allowed:
+            data.extend(_card(model, name, None, now) for model in (name, *pool.config.aliases))
+        for adapter in sorted(state.registry.adapters(pool)):
+            if pool_allowed or tenant.may_use(adapter):
+                data.append(_card(adapter, adapter, name, now))  # its path stays the gateway's
     return web.json_response({"object": "list", "data": data})
+
+
+def _card(model: str, root: str, parent: str | None, created: int) -> dict[str, Any]:
+    return {
+        "id": model,
+        "object": "model",
+        "created": created,
+        "owned_by": "prefix-router",
+        "root": root,
+        "parent": parent,
+    }

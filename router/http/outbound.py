@@ -1,9 +1,9 @@
 """The request as it goes upstream: the body the worker gets, and the call the dispatcher runs.
 
 The body goes upstream unchanged except where the gateway must change it: an alias is replaced
-by the pool's served name, and a streamed request asks for the usage chunk (dropped again from
-the client's stream unless it asked for it). A body that needs no change is forwarded as the
-client's bytes, without re-serializing it.
+by the pool's served name (a LoRA adapter keeps its own), and a streamed request asks for the
+usage chunk (dropped again from the client's stream unless it asked for it). A body that needs
+no change is forwarded as the client's bytes, without re-serializing it.
 """
 
 from __future__ import annotations
@@ -48,11 +48,13 @@ def upstream_call(
     key: str,
     prompt_tokens: int,
     max_tokens: int,
+    adapter: str | None = None,
 ) -> UpstreamCall:
     stream = body.get("stream") is True
     changed = raw is None
-    if body["model"] != pool.name:
-        body["model"] = pool.name
+    served = adapter or pool.name  # a LoRA adapter is asked for by its own name
+    if body["model"] != served:
+        body["model"] = served
         changed = True
     client_wants_usage = True
     splice_usage = False
@@ -80,6 +82,7 @@ def upstream_call(
         prompt_tokens=prompt_tokens,
         max_tokens=max_tokens,
         session_id=session_hint(request, body),
+        adapter=adapter,
     )
     return UpstreamCall(
         pool=pool,

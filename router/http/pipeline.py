@@ -48,13 +48,18 @@ def priority_of(request: web.Request, tenant: Tenant) -> str:
 
 
 def _choose_gate(
-    state: GatewayState, pool: Pool, tenant: Tenant, prompt_tokens: int, max_tokens: int | None
+    state: GatewayState,
+    pool: Pool,
+    tenant: Tenant,
+    prompt_tokens: int,
+    max_tokens: int | None,
+    adapter: str | None,
 ) -> PoolGate:
     """The pool itself, or its first fallback with room when it has none. A fallback serves
     only tenants allowed its model and requests within its own limits: falling back never
     widens what a key may use or what a pool accepts."""
     gate = state.admission.gate(pool)
-    if pool.candidates() and not gate.saturated:
+    if pool.candidates(adapter) and not gate.saturated:
         return gate
     for name in pool.config.fallback_pools:
         fallback = state.registry.pools.get(name)
@@ -64,9 +69,9 @@ def _choose_gate(
         if prompt_tokens > limits.max_prompt_tokens or (max_tokens or 0) > limits.max_tokens_limit:
             continue
         fallback_gate = state.admission.gate(fallback)
-        if fallback.candidates() and not fallback_gate.saturated:
+        if fallback.candidates(adapter) and not fallback_gate.saturated:
             return fallback_gate
-    if not pool.candidates():
+    if not pool.candidates(adapter):
         raise NoCapacity(f"no healthy worker can serve model `{pool.name}` now", retry_after_s=1.0)
     return gate  # saturated: wait in its queue
 
@@ -84,15 +89,20 @@ async def forward_openai(
     """Limit, admit, route and relay an already-checked OpenAI body (also used by the seed API,
     whose `transform` rewrites each relayed block of stream events into its own shape)."""
     tenant = request.get(TENANT) or state.auth.authenticate(request.headers)
-    pool = state.registry.pool_for(body.get("model"))
+    pool, adapter = state.registry.resolve(body.get("model"))
     requested_tokens = max_tokens or DEFAULT_MAX_TOKENS
     if tenant.cache_salt is not None:
         salt_for_tenant(body, tenant.cache_salt)
         raw = None  # the body changed: it is serialized again on the way out
     key = routing_key(body, kind)
-    partition = cache_partition(body, None)
+    partition = cache_partition(body, adapter)
+    lora = None
+    if adapter is not None:
+        path = state.registry.adapters(pool).get(adapter)
+        lora = (adapter, path) if path is not None else None
+        await state.adapters.ensure(pool, adapter, path)
     # Precise pools tokenize and hash the prompt as their workers will, once per request.
-    precise = pool.keyer.key(body, kind == "chat") if pool.keyer is not None else None
+    precise = pool.keyer.key(body, kind == "chat", lora) if pool.keyer is not None else None
     prompt_tokens = (
         max(1, precise.prompt_tokens) if precise else pool.calibration.estimate_tokens(key)
     )
@@ -103,11 +113,11 @@ async def forward_openai(
             param="messages" if kind == "chat" else "prompt",
             code="context_length_exceeded",
         )
-    gate = _choose_gate(state, pool, tenant, prompt_tokens, max_tokens)
+    gate = _choose_gate(state, pool, tenant, prompt_tokens, max_tokens, adapter)
     if gate.pool is not pool:
         pool = gate.pool
         # The fallback's workers may tokenize differently: its own key, if it is precise.
-        precise = pool.keyer.key(body, kind == "chat") if pool.keyer is not None else None
+        precise = pool.keyer.key(body, kind == "chat", lora) if pool.keyer is not None else None
     charge = await state.limiter.admit(
         tenant, prompt_tokens + requested_tokens, state.config.timeouts.total_s
     )
@@ -123,7 +133,7 @@ async def forward_openai(
                 requested_tokens = cap
                 raw = None
             call = upstream_call(
-                request, state, pool, body, raw, kind, key, prompt_tokens, requested_tokens
+                request, state, pool, body, raw, kind, key, prompt_tokens, requested_tokens, adapter
             )
             call.routing.block_hashes = precise.block_hashes if precise else None
             call.routing.partition = partition

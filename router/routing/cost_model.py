@@ -17,7 +17,8 @@ alone sends every new session to the worker holding its system prompt whenever t
 faster right now, although each session brings all its later turns along; charging each request
 in flight lets a shared prefix be copied to a second worker once its holder is busier by a few
 requests, which costs one cold prefill and keeps load spread (DESIGN §4: keep the peers' hit rate
-while spreading sessions over every worker).
+while spreading sessions over every worker). A LoRA request adds its adapter's cost on the
+worker (`adapter_s`): a load where no batch runs it, and a wait where every slot is taken.
 """
 
 from __future__ import annotations
@@ -32,6 +33,16 @@ class CostModel:
         self.rates = LearnedRates(config.prefill_tokens_per_s, config.decode_s_per_running)
         self._queue_s_per_waiting = config.queue_s_per_waiting
         self._balance_s_per_request = config.balance_s_per_request
+        self._adapter_s = {
+            "active": 0.0,
+            "room": config.adapter_load_s,
+            "full": config.adapter_load_s + config.adapter_slot_wait_s,
+        }
+
+    def adapter_s(self, worker: Worker, adapter: str | None) -> float:
+        """What a LoRA request waits for its adapter here: nothing where it is in use, a load
+        where a slot is free, a load and a free slot where other adapters hold them all."""
+        return 0.0 if adapter is None else self._adapter_s[worker.adapter_cost(adapter)]
 
     def queue_s(self, worker: Worker, rate: float) -> float:
         """Prefill work already queued ahead of a new request on this worker."""

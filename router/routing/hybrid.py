@@ -78,9 +78,21 @@ class HybridCost:
         prompt_tokens = request.prompt_tokens
         blocks = [matched.get(w.id, 0) for w in candidates]
         cached = [index.tokens_of(b, prompt_tokens) for b in blocks]
-        ttft = self.cost_model.ttft_s
-        costs = [ttft(w, prompt_tokens - c) for w, c in zip(candidates, cached, strict=True)]
+        costs = self._costs(request, candidates, cached)
         return Estimate(keys, cached, costs, blocks)
+
+    def _costs(
+        self, request: RoutingRequest, candidates: Sequence[Worker], cached: list[int]
+    ) -> list[float]:
+        model = self.cost_model
+        ttft, prompt_tokens = model.ttft_s, request.prompt_tokens
+        costs = [ttft(w, prompt_tokens - c) for w, c in zip(candidates, cached, strict=True)]
+        adapter = request.adapter
+        if adapter is not None:
+            costs = [
+                c + model.adapter_s(w, adapter) for w, c in zip(candidates, costs, strict=True)
+            ]
+        return costs
 
     def _estimate_precise(
         self,
@@ -93,8 +105,7 @@ class HybridCost:
         held = precise.match(hashes)
         prompt_tokens = request.prompt_tokens
         cached = [precise.cached_tokens(held.get(w.id, 0), prompt_tokens) for w in candidates]
-        ttft = self.cost_model.ttft_s
-        costs = [ttft(w, prompt_tokens - c) for w, c in zip(candidates, cached, strict=True)]
+        costs = self._costs(request, candidates, cached)
         # No approximate keys: KV events tell other replicas.
         return Estimate([], cached, costs, [0] * len(cached))
 

@@ -78,8 +78,16 @@ def _load(registration: Record, load: Record) -> ReportedLoad:
         kv_usage=number("kv_usage"),
         block_size=_int(registration, "block_size"),
         num_gpu_blocks=_int(registration, "num_gpu_blocks"),
+        lora_running=_names(load, "lora_running"),
+        lora_waiting=_names(load, "lora_waiting"),
+        max_lora=_int(load, "max_lora"),
         updated_at=time.monotonic(),
     )
+
+
+def _names(record: Record, field: str) -> frozenset[str]:
+    """A comma-separated list of LoRA adapter names (as vLLM's metric labels hold them)."""
+    return frozenset(n for n in (_text(record, field) or "").split(",") if n)
 
 
 class Discovery:

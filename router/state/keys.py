@@ -11,8 +11,9 @@ fleets. Values are plain strings and numbers so any tool can inspect them with r
   remove ids whose `{p}worker:{id}` has expired (the agent died), and a live agent adds its id
   back with every heartbeat.
 - `{p}load:{id}` (hash, agent, heartbeat TTL): running, waiting (ints), kv_usage (0-1),
-  prefix_hits, prefix_queries (vLLM's token counters, monotonic until the worker restarts), ts
-  (unix seconds of the scrape).
+  prefix_hits, prefix_queries (vLLM's token counters, monotonic until the worker restarts),
+  lora_running, lora_waiting (comma-separated adapter names, from `vllm:lora_requests_info`),
+  max_lora (empty without LoRA), ts (unix seconds of the scrape).
 - `{p}kv:{model}` (stream, agent, MAXLEN ~KV_STREAM_MAXLEN): the changes of each worker's block
   set, with fields worker, op (stored | removed | cleared), hashes (space-separated unsigned
   64-bit ints, vLLM's event ints; empty for cleared), parent (int of the block before the first

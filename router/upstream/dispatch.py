@@ -76,7 +76,9 @@ class Dispatcher:
         try:
             async with asyncio.timeout_at(deadline):
                 while counted < self._retries.max_attempts:
-                    candidates = [w for w in call.pool.candidates() if w not in tried]
+                    candidates = [
+                        w for w in call.pool.candidates(call.routing.adapter) if w not in tried
+                    ]
                     if not candidates:
                         break
                     retrying = result.attempts > 0 and not last_unseen

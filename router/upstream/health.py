@@ -1,5 +1,8 @@
 """Active health checks: `/health` and the model identity (`/v1/models`) of every worker.
 
+The model listing also names the LoRA adapters a worker serves (cards with a `parent`): the
+registry routes an adapter's requests to the workers that list it.
+
 A worker starts unproven and becomes routable after `healthy_threshold` passing probes in a
 row; `unhealthy_threshold` failing probes in a row take it out. Every worker is probed at once
 when the checker starts, so a healthy worker is routable within one probe. Each transition is
@@ -39,6 +42,21 @@ def served_models(listing: object) -> set[str] | None:
     if not isinstance(data, list):
         return None
     return {m["id"] for m in data if isinstance(m, dict) and isinstance(m.get("id"), str)}
+
+
+def listed_adapters(listing: object) -> dict[str, str]:
+    """The LoRA adapters in a vLLM `/v1/models` answer: cards with a `parent` (the base
+    model), as name -> path (`root`)."""
+    data = listing.get("data") if isinstance(listing, dict) else None
+    if not isinstance(data, list):
+        return {}
+    return {
+        card["id"]: card["root"] if isinstance(card.get("root"), str) else card["id"]
+        for card in data
+        if isinstance(card, dict)
+        and isinstance(card.get("id"), str)
+        and isinstance(card.get("parent"), str)
+    }
 
 
 class HealthChecker:
@@ -100,6 +118,9 @@ class HealthChecker:
                 return False, "/v1/models answered no OpenAI model list"
             if worker.pool not in served:
                 return False, f"serves {sorted(served)[:8]}, not {worker.pool!r}"
+            adapters = listed_adapters(listing)
+            if adapters != worker.adapters:
+                worker.adapters = adapters
             return True, "ok"
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             return False, f"{type(exc).__name__}: {exc}".rstrip(": ")

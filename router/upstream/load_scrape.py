@@ -1,12 +1,12 @@
 """Scrape each worker's vLLM `/metrics` on an interval into `Worker.reported`.
 
-Reads only the few series routing needs (running, waiting, KV usage, and the block size and
-KV capacity from `vllm:cache_config_info`), parsed by prometheus_client's text parser; the
-page's other lines (histograms, mostly) are skipped by name before parsing, since this runs for
-every worker every interval. A sample that is not a finite, non-negative number (NaN, Inf,
-garbage) is skipped, and an answer without a single load
-series keeps the worker's last report: one worker's bad `/metrics` is logged once per cause and
-never stops the scraping of the others.
+Reads only the few series routing needs (running, waiting, KV usage, the block size and KV
+capacity from `vllm:cache_config_info`, the LoRA adapters in use from
+`vllm:lora_requests_info`), parsed by prometheus_client's text parser; the page's other lines
+(histograms, mostly) are skipped by name before parsing, since this runs for every worker every
+interval. A sample that is not a finite, non-negative number (NaN, Inf, garbage) is skipped, and
+an answer without a single load series keeps the worker's last report: one worker's bad
+`/metrics` is logged once per cause and never stops the scraping of the others.
 """
 
 from __future__ import annotations
@@ -43,7 +43,8 @@ _COUNTERS = {
     "vllm:gpu_prefix_cache_queries_total": "prefix_queries",
 }
 _INFO = "vllm:cache_config_info"
-_WANTED = frozenset((*_GAUGES, *_COUNTERS, _INFO))
+_LORA = "vllm:lora_requests_info"
+_WANTED = frozenset((*_GAUGES, *_COUNTERS, _INFO, _LORA))
 
 
 def _samples(text: str, rejected: set[str] | None) -> Iterator[Sample]:
@@ -76,6 +77,15 @@ def _count(text: str) -> int | None:
     return int(text) if text.isascii() and text.isdigit() else None
 
 
+def _take_lora(load: ReportedLoad, labels: dict[str, str]) -> None:
+    def names(label: str) -> frozenset[str]:
+        return frozenset(n.strip() for n in labels.get(label, "").split(",") if n.strip())
+
+    load.lora_running = names("running_lora_adapters")
+    load.lora_waiting = names("waiting_lora_adapters")
+    load.max_lora = _count(labels.get("max_lora", ""))
+
+
 def parse_vllm_metrics(text: str, rejected: set[str] | None = None) -> ReportedLoad:
     """Sum the load gauges over engines; take block size and capacity from cache_config_info.
 
@@ -87,8 +97,16 @@ def parse_vllm_metrics(text: str, rejected: set[str] | None = None) -> ReportedL
     running = waiting = 0.0
     counters = {"prefix_hits": 0.0, "prefix_queries": 0.0}
     usage: list[float] = []
+    lora_stamp = -1.0
     for sample in _samples(text, rejected):
         name = sample.name
+        if name == _LORA:
+            # Every (running, waiting) pair vLLM ever saw stays a series; its value is when
+            # it was last current, so the newest one is the present.
+            if _finite(sample.value) and sample.value > lora_stamp:
+                lora_stamp = sample.value
+                _take_lora(load, sample.labels)
+            continue
         if name == _INFO:
             labels = sample.labels
             load.block_size = _count(labels.get("block_size", "")) or load.block_size

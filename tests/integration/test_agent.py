@@ -287,7 +287,18 @@ async def test_agent_mirrors_a_worker(
 
     await wait_for(load_reported, "load with the prefix counters")
     load = await redis.hgetall(KEYS.load(WORKER))
-    assert set(load) == {"running", "waiting", "kv_usage", "prefix_hits", "prefix_queries", "ts"}
+    assert set(load) == {
+        "running",
+        "waiting",
+        "kv_usage",
+        "prefix_hits",
+        "prefix_queries",
+        "lora_running",
+        "lora_waiting",
+        "max_lora",
+        "ts",
+    }
+    assert load["max_lora"] == ""  # the worker serves no adapters
     assert float(load["prefix_hits"]) > 0  # the shared prefix hit
     assert 0 < await redis.ttl(KEYS.kv_snapshot(WORKER)) <= 50
 

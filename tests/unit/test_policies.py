@@ -247,3 +247,24 @@ def test_hybrid_keeps_a_sessionless_near_tie_on_the_prefix_holder() -> None:
     # With a session the request places its later turns too: the faster cold worker wins.
     with_session = RoutingRequest("m", key + " q", len(key) // 4 + 4, 16, session_id="s1")
     assert policy.pick(with_session, workers).worker is not holder
+
+
+def test_hybrid_prefers_a_worker_running_the_adapter_then_one_with_a_free_slot() -> None:
+    from router.domain.worker import ReportedLoad
+
+    ws = workers(3)
+    full, room, active = ws
+    full.reported = ReportedLoad(lora_running=frozenset({"a", "b"}), max_lora=2)
+    room.reported = ReportedLoad(lora_running=frozenset({"a"}), max_lora=2)
+    active.reported = ReportedLoad(lora_waiting=frozenset({"sql"}), max_lora=2)
+    assert [w.adapter_cost("sql") for w in ws] == ["full", "room", "active"]
+    policy = hybrid()
+    request = req("a cold prompt " * 20)
+    request.adapter = "sql"
+    assert policy.pick(request, ws).worker is active
+    assert policy.pick(request, [full, room]).worker is room
+    request.adapter = None  # the base model: no adapter cost anywhere
+    assert {policy.pick(req(f"cold {i} " * 30), [full, room]).worker for i in range(12)} == {
+        full,
+        room,
+    }

@@ -72,3 +72,18 @@ def test_parse_vllm_metrics_reads_label_values_as_the_exposition_format_escapes_
     assert (load.block_size, load.num_gpu_blocks) == (32, 4096)
     assert load.running == 7
     assert rejected == {"vllm:num_requests_waiting"}
+
+
+def test_parse_vllm_metrics_takes_the_newest_lora_series() -> None:
+    text = (
+        'vllm:lora_requests_info{max_lora="4",running_lora_adapters="sql-lora,chat-lora",'
+        'waiting_lora_adapters="fr-lora"} 1.7561e+09\n'
+        'vllm:lora_requests_info{max_lora="4",running_lora_adapters="",'
+        'waiting_lora_adapters=""} 1.7560e+09\n'
+        'vllm:num_requests_running{model_name="m",engine="0"} 1.0\n'
+    )
+    load = parse_vllm_metrics(text)
+    assert load.lora_running == {"sql-lora", "chat-lora"}
+    assert load.lora_waiting == {"fr-lora"} and load.max_lora == 4
+    plain = parse_vllm_metrics('vllm:num_requests_running{model_name="m",engine="0"} 1.0\n')
+    assert plain.max_lora is None and not plain.lora_running

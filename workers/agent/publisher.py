@@ -191,6 +191,9 @@ class RedisFleetWriter:
                     "kv_usage": repr(load.kv_usage),
                     "prefix_hits": repr(load.prefix_hits),
                     "prefix_queries": repr(load.prefix_queries),
+                    "lora_running": ",".join(sorted(load.lora_running)),
+                    "lora_waiting": ",".join(sorted(load.lora_waiting)),
+                    "max_lora": str(load.max_lora or ""),
                     "ts": f"{time.time():.3f}",
                 },
             )
