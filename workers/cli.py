@@ -46,6 +46,9 @@ _SIM_FLAGS: dict[str, tuple[str, type]] = {
     "--ssl-keyfile": ("ssl_keyfile", str),
     "--max-loras": ("max_loras", int),
     "--lora-load-s": ("lora_load_s", float),
+    "--role": ("role", str),
+    "--kv-lease-s": ("kv_lease_s", float),
+    "--kv-transfer-s-per-token": ("kv_transfer_s_per_token", float),
 }
 
 

@@ -117,3 +117,12 @@ class SharesInserts(Protocol):
     def apply_remote_insert(self, worker_id: str, block_keys: list[int]) -> None:
         """Another replica sent a request with these approximate keys to this worker."""
         ...
+
+
+@runtime_checkable
+class EstimatesCached(Protocol):
+    """A policy that can tell how much of a prompt each worker holds (P/D's decider)."""
+
+    def cached_tokens(self, request: RoutingRequest, candidates: Sequence[Worker]) -> list[int]:
+        """Estimated prompt tokens each of `candidates` holds, in order."""
+        ...

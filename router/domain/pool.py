@@ -13,7 +13,7 @@ from typing import Protocol
 from router.config import PoolConfig, PreciseConfig, client_context
 from router.domain.calibration import TokenCalibration
 from router.domain.policy import Policy, PromptKeyer
-from router.domain.worker import Health, Worker
+from router.domain.worker import Health, Role, Worker
 
 
 class PoolRouting(Protocol):
@@ -25,6 +25,10 @@ class PoolRouting(Protocol):
 
     def keyer(self, config: PreciseConfig) -> PromptKeyer:
         """The tokenizer and block hashing of a pool in precise mode."""
+        ...
+
+    def decode_policy(self) -> Policy:
+        """The load-aware pick of a P/D pool's decode step."""
         ...
 
 
@@ -39,6 +43,11 @@ class Pool:
     calibration: TokenCalibration = field(default_factory=TokenCalibration)
     """Characters per token of this pool's traffic, learned from workers' usage; it outlives
     reloads, as the traffic does."""
+    decode_policy: Policy | None = None
+    """The decode step's pick, for a P/D pool (see `disaggregated`)."""
+    disaggregated: bool = False
+    """Prefill and decode workers both present: requests go prefill, then decode (kept by
+    `roles_changed`, not computed per request)."""
 
     _tls: ssl.SSLContext | None = field(default=None, init=False, repr=False)
 
@@ -49,11 +58,19 @@ class Pool:
             self._tls = client_context(self.config.tls)
         return self._tls
 
-    def candidates(self, adapter: str | None = None) -> list[Worker]:
-        """Who may take a request now; for a LoRA `adapter`, only workers that list it."""
+    def roles_changed(self) -> None:
+        roles = {w.role for w in self.workers}
+        self.disaggregated = "prefill" in roles and "decode" in roles
+
+    def candidates(self, adapter: str | None = None, role: Role | None = None) -> list[Worker]:
+        """Who may take a request now; for a LoRA `adapter`, only workers that list it; for
+        a P/D step, workers of that `role` or `both` (a whole request: not prefill-only)."""
         workers = self.workers
         if adapter is not None:
             workers = [w for w in workers if adapter in w.adapters]
+        if self.disaggregated:
+            refused = "decode" if role == "prefill" else "prefill"
+            workers = [w for w in workers if w.role != refused]
         routable = [w for w in workers if w.routable]
         if routable:
             return routable

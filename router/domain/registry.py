@@ -58,6 +58,9 @@ class Registry:
             pool = Pool(
                 name=name, config=pool_config, policy=policy, keyer=keyer, calibration=calibration
             )
+            pool.decode_policy = (
+                old.decode_policy if old is not None else None
+            ) or self._routing.decode_policy()
             pools[name] = pool
             for model in (name, *pool_config.aliases):
                 by_model[model] = pool
@@ -79,6 +82,8 @@ class Registry:
                 workers[worker.id] = worker
                 pools[worker.pool].workers.append(worker)
                 worker.ssl = pools[worker.pool].tls_context() if worker.endpoint.tls else None
+        for pool in pools.values():
+            pool.roles_changed()
         gone = [w for w in self._workers.values() if workers.get(w.id) is not w]
         for worker in gone:
             if worker.pool in kept_policy:
@@ -138,6 +143,7 @@ class Registry:
         self._workers[worker.id] = worker
         pool = self._pools[worker.pool]
         pool.workers.append(worker)
+        pool.roles_changed()
         worker.ssl = pool.tls_context() if worker.endpoint.tls else None
 
     def remove_worker(self, worker_id: str) -> None:
@@ -147,6 +153,7 @@ class Registry:
             return
         pool = self._pools[worker.pool]
         pool.workers.remove(worker)
+        pool.roles_changed()
         pool.policy.forget_worker(worker)
         self._left(worker)
 

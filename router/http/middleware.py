@@ -152,6 +152,7 @@ def _record(
                 "worker": worker,
                 # More than one when the stream was migrated: every segment's worker, in order.
                 "segments": result.segments if result and len(result.segments) > 1 else None,
+                "prefill_worker": result.prefill_worker if result else None,  # P/D pools
                 "reason": result.decision.reason if result and result.decision else None,
                 "attempts": result.attempts if result else 0,
                 "retries": max(0, result.attempts - 1) if result else 0,

@@ -23,7 +23,7 @@ from router.domain.calibration import TokenCalibration
 from router.domain.policy import Policy, PromptKeyer
 from router.routing.consistent_hash import ConsistentHash
 from router.routing.hybrid import HybridCost
-from router.routing.least_load import LeastLoad
+from router.routing.least_load import DecodeLoad, LeastLoad
 from router.routing.precise_index import PreciseIndex
 from router.routing.precise_key import PreciseKeyer
 from router.routing.prefix import PrefixAffinity
@@ -73,3 +73,6 @@ class PoolRoutingFactory:
 
     def keyer(self, config: PreciseConfig) -> PromptKeyer:
         return PreciseKeyer(config)
+
+    def decode_policy(self) -> Policy:
+        return DecodeLoad(self._rng)

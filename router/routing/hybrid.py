@@ -81,6 +81,9 @@ class HybridCost:
         costs = self._costs(request, candidates, cached)
         return Estimate(keys, cached, costs, blocks)
 
+    def cached_tokens(self, request: RoutingRequest, candidates: Sequence[Worker]) -> list[int]:
+        return self.estimate(request, candidates).cached_tokens
+
     def _costs(
         self, request: RoutingRequest, candidates: Sequence[Worker], cached: list[int]
     ) -> list[float]:

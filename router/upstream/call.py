@@ -8,13 +8,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from router.domain.policy import Decision, RoutingRequest
 from router.domain.pool import Pool
 from router.domain.worker import Worker
 from router.upstream.continuation import Kind, Transcript
 from router.upstream.sse import Usage
+
+Stage = Literal["prefill", "decode", "alone"]
+"""A P/D pool's steps: prefill, decode with the prefill's KV, or a decode worker alone."""
 
 
 @dataclass(slots=True)
@@ -44,6 +47,13 @@ class UpstreamCall:
     """A continuation's rewrite of its events into the original stream's (before transform)."""
     usage_offset: int = 0
     """Tokens the client had before this segment: its usage is counted for the whole answer."""
+    stage: Stage | None = None
+    """In a P/D pool, the step this call is (None: the whole request, not yet split)."""
+    cached_override: int | None = None
+    """The answer's `cached_tokens` as the client must see them (a decode step's: the
+    prefill's count, not the transferred KV the decode worker counts as cached)."""
+    params_single_use: bool = False
+    """A failure the worker saw spends the body (P/D transfer params): no retry with it."""
 
 
 @dataclass(slots=True)
@@ -80,3 +90,5 @@ class CallResult:
     first_write_at: float = 0.0
     segments: list[str] = field(default_factory=list)
     """The worker of each segment of the answer (more than one when it was migrated)."""
+    prefill_worker: str | None = None
+    """The worker that ran the prefill step, in a P/D pool."""

@@ -16,12 +16,13 @@ import random
 import time
 
 from router.config import RetryConfig, TimeoutsConfig
-from router.domain.policy import Decision, Outcome, RoutingRequest
-from router.domain.worker import Worker
+from router.domain.policy import Decision, Outcome, Policy, RoutingRequest
+from router.domain.worker import Role, Worker
 from router.errors import GatewayError, NoCapacity
 from router.metrics import GatewayMetrics
 from router.routing.key import extend_key
 from router.upstream.call import CallResult, UpstreamCall
+from router.upstream.disaggregation import Disaggregation, ParamsSpent
 from router.upstream.outlier import OutlierDetector
 from router.upstream.relay import Answer, AttemptFailed, Relay
 
@@ -44,6 +45,7 @@ class Dispatcher:
         self._rng = rng or random.Random()
         self._active = 0
         self._retrying = 0
+        self._pd = Disaggregation(self.dispatch, metrics)
 
     def reconfigure(self, timeouts: TimeoutsConfig, retries: RetryConfig) -> None:
         self._relay.reconfigure(timeouts, retries)
@@ -65,7 +67,10 @@ class Dispatcher:
     ) -> Answer:
         """An answer that has its first byte, from the first worker that gave one before
         `deadline` (loop time). A non-streamed answer is booked here; a stream is booked by
-        `stream_ended` / `stream_broke` / `stream_overdue` once it ends."""
+        `stream_ended` / `stream_broke` / `stream_overdue` once it ends. A P/D pool's request
+        runs its prefill and decode steps (`disaggregation`), each dispatched here."""
+        if call.stage is None and call.pool.disaggregated:
+            return await self._pd.run(call, result, deadline, exclude)
         if not result.started_at:
             result.started_at = time.perf_counter()
         tried: set[Worker] = set(exclude or ())
@@ -77,7 +82,9 @@ class Dispatcher:
             async with asyncio.timeout_at(deadline):
                 while counted < self._retries.max_attempts:
                     candidates = [
-                        w for w in call.pool.candidates(call.routing.adapter) if w not in tried
+                        w
+                        for w in call.pool.candidates(call.routing.adapter, _role(call))
+                        if w not in tried
                     ]
                     if not candidates:
                         break
@@ -95,6 +102,8 @@ class Dispatcher:
                         self._attempt_failed(call, decision, exc)
                         if not exc.retryable:
                             raise exc.error from None
+                        if call.params_single_use and not exc.unseen:
+                            raise ParamsSpent(decision.worker) from None
                         last_error = exc.error
                         tried.add(decision.worker)
                         last_unseen = exc.unseen
@@ -128,7 +137,7 @@ class Dispatcher:
         return self._rng.uniform(0, ceiling)
 
     def _pick(self, call: UpstreamCall, result: CallResult, candidates: list[Worker]) -> Decision:
-        policy = call.pool.policy
+        policy = _policy(call)
         t0 = time.perf_counter()
         decision = policy.pick(call.routing, candidates)
         self._record_decision(policy.name, decision, call.routing, t0)
@@ -151,7 +160,7 @@ class Dispatcher:
         worker = decision.worker
         self._metrics.upstream_failures.labels(exc.cause).inc()
         self._outlier.failure(worker, exc.cause)
-        call.pool.policy.observe(Outcome(call.routing, decision, ok=False))
+        _policy(call).observe(Outcome(call.routing, decision, ok=False))
         log.info("attempt on %s failed (%s), request %s", worker.id, exc.cause, call.request_id)
 
     # -- the end of a stream ----------------------------------------------------------------------
@@ -189,7 +198,7 @@ class Dispatcher:
         if usage is not None:
             call.pool.calibration.observe(routing.key, usage.prompt_tokens)
         text = result.answer
-        call.pool.policy.observe(
+        _policy(call).observe(
             Outcome(
                 routing,
                 decision,
@@ -203,3 +212,15 @@ class Dispatcher:
                 else extend_key(routing.key, text, call.path.endswith("chat/completions")),
             )
         )
+
+
+def _policy(call: UpstreamCall) -> Policy:
+    """The decode step of a P/D pool picks by load; every other call by the pool's policy."""
+    pool = call.pool
+    if call.stage == "decode" and pool.decode_policy is not None:
+        return pool.decode_policy
+    return pool.policy
+
+
+def _role(call: UpstreamCall) -> Role | None:
+    return "prefill" if call.stage == "prefill" else "decode" if call.stage == "decode" else None

@@ -93,6 +93,10 @@ class Migrator:
             seam=SeamRewriter(transcript.identity, plan.kind, sent),
             usage_offset=sent,
             collect_answer=False,
+            # In a P/D pool the continuation is a new P/D request: prefill, then decode.
+            stage=None,
+            cached_override=None,
+            params_single_use=False,
         )
         self._in_flight[pool.name] = self._in_flight.get(pool.name, 0) + 1
         try:

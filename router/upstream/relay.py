@@ -28,7 +28,7 @@ from router.upstream.answer import AnswerBytes, answer_of
 from router.upstream.call import CallResult, UpstreamCall
 from router.upstream.continuation import Transcript
 from router.upstream.http1 import Connection, Head, UpstreamClient, format_request
-from router.upstream.sse import DONE, EVENT_END, split_usage_event, usage_from
+from router.upstream.sse import DONE, EVENT_END, patch_cached, split_usage_event, usage_from
 
 log = logging.getLogger("prefix_router.relay")
 
@@ -148,7 +148,9 @@ class Answer:
                         data = b""
                 if data:
                     if b'"usage"' in data:
-                        data, usage, done = split_usage_event(data, not call.client_wants_usage)
+                        data, usage, done = split_usage_event(
+                            data, not call.client_wants_usage, call.cached_override
+                        )
                         if usage is not None and call.usage_offset:
                             usage.prompt_tokens = max(0, usage.prompt_tokens - call.usage_offset)
                             usage.completion_tokens += call.usage_offset
@@ -241,6 +243,8 @@ class Relay:
                 payload = json.loads(body)
             except ValueError:
                 payload = None
+            if call.cached_override is not None and patch_cached(payload, call.cached_override):
+                body = json.dumps(payload).encode()
             result.usage = usage_from(payload)
             if call.collect_answer:
                 result.answer = answer_of(payload)

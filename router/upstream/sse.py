@@ -45,11 +45,23 @@ def usage_from(payload: Any) -> Usage | None:
     )
 
 
-def split_usage_event(events: bytes, drop: bool) -> tuple[bytes, Usage | None, bool]:
+def patch_cached(payload: Any, cached_tokens: int) -> bool:
+    """Set a payload's `usage.prompt_tokens_details.cached_tokens`; False if it has no usage."""
+    usage = payload.get("usage") if isinstance(payload, dict) else None
+    if not isinstance(usage, dict):
+        return False
+    usage["prompt_tokens_details"] = {"cached_tokens": cached_tokens}
+    return True
+
+
+def split_usage_event(
+    events: bytes, drop: bool, cached_tokens: int | None = None
+) -> tuple[bytes, Usage | None, bool]:
     """Find a usage-only event (`"choices": []` plus `usage`) among complete events.
 
     Returns the events (without that usage event when `drop`: the client did not ask for it),
-    the usage, and whether `[DONE]` was seen.
+    the usage, and whether `[DONE]` was seen. A `cached_tokens` given replaces the usage's
+    (a P/D decode step reports the prefill's count).
     Only called on chunks that mention "usage", so the common path never parses JSON.
     """
     kept: list[bytes] = []
@@ -63,6 +75,8 @@ def split_usage_event(events: bytes, drop: bool) -> tuple[bytes, Usage | None, b
             except ValueError:
                 kept.append(event)
                 continue
+            if cached_tokens is not None and patch_cached(payload, cached_tokens):
+                event = b"data: " + json.dumps(payload, separators=(",", ":")).encode()
             found = usage_from(payload)
             if found is not None:
                 usage = found

@@ -16,12 +16,14 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+import uuid
 import zlib
 from array import array
 from collections.abc import AsyncIterator
 from contextlib import suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import aiohttp
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -30,6 +32,8 @@ from workers.sim.cache import PrefixCache
 from workers.sim.config import SimConfig
 from workers.sim.engine import RequestState, RequestTooLargeError, SimEngine, SimRequest
 from workers.sim.kv_publisher import install_kv_events
+from workers.sim.kv_transfer import pull, remote_prefill, transfer_params, wants_remote_decode
+from workers.sim.lora import install_lora_routes
 from workers.sim.metrics import SimMetrics
 from workers.sim.protocol import (
     DONE_EVENT,
@@ -42,6 +46,7 @@ from workers.sim.protocol import (
     StreamEncoder,
     bad_request,
     full_response,
+    json_object,
     parse_request,
 )
 from workers.sim.tokenizer import OUTPUT_WORDS, PromptTokenizer, build_sim_tokenizer
@@ -59,9 +64,13 @@ class SimState:
     engine: SimEngine
     metrics: SimMetrics
     created_s: int
+    engine_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    """vLLM's KV-transfer engine id (`remote_engine_id` in a prefill's answer)."""
 
 
 SIM_STATE = web.AppKey("sim_state", SimState)
+SIM_HTTP = web.AppKey("sim_http", aiohttp.ClientSession)
+"""The decode side's client of prefill workers' KV side channel."""
 
 
 def next_words(
@@ -79,6 +88,13 @@ def next_words(
         words.append(index)
         state = zlib.crc32(word_ids[index].to_bytes(8, "little"), state)
     return words
+
+
+def _kv_load_failed() -> SimAPIError:
+    # vLLM with kv_load_failure_policy "fail": the decode worker could not read the KV.
+    return SimAPIError(
+        500, "Failed to load the KV cache from the prefill worker", "InternalServerError"
+    )
 
 
 def _engine_stopped() -> SimAPIError:
@@ -99,6 +115,11 @@ async def _serve(request: web.Request, kind: Kind) -> web.StreamResponse:
             engine.adapters.paths,
         )
         words = next_words(parsed.prompt_ids, parsed.max_tokens, state.word_ids, state.config.seed)
+        role = state.config.role
+        lease = role != "decode" and not parsed.stream and wants_remote_decode(parsed.kv_transfer)
+        remote = remote_prefill(parsed.kv_transfer) if role != "prefill" else None
+        if remote is not None and not await pull(request.app[SIM_HTTP], remote, 5.0):
+            return _kv_load_failed().response()
         req = engine.submit(
             parsed.request_id,
             parsed.prompt_ids,
@@ -106,6 +127,8 @@ async def _serve(request: web.Request, kind: Kind) -> web.StreamResponse:
             parsed.cache_salt,
             stream_tokens=parsed.stream or fault is not None,  # faults strike at a token
             lora=parsed.lora,
+            lease=lease,
+            remote_prefilled=remote is not None,
         )
     except SimAPIError as exc:
         return exc.response()
@@ -129,6 +152,11 @@ async def _serve(request: web.Request, kind: Kind) -> web.StreamResponse:
             req.num_generated,
             req.num_cached_tokens,
         )
+        if lease:
+            url = request.url
+            body["kv_transfer_params"] = transfer_params(
+                req.block_ids, state.engine_id, req.request_id, url.host or "", url.port or 0
+            )
         return web.json_response(body)
     finally:
         # Cancelled (client gone), write failed, or engine stopped: free the sequence now.
@@ -246,41 +274,6 @@ async def models(request: web.Request) -> web.Response:
     return web.json_response({"object": "list", "data": [card, *adapters]})
 
 
-async def load_lora_adapter(request: web.Request) -> web.Response:
-    """vLLM's runtime load: 200 with a plain-text success line, 400 on a bad or duplicate name."""
-    adapters = request.app[SIM_STATE].engine.adapters
-    body = await _json_object(request)
-    name, path = body.get("lora_name"), body.get("lora_path")
-    if not isinstance(name, str) or not name or not isinstance(path, str) or not path:
-        return bad_request("Both 'lora_name' and 'lora_path' must be provided.").response()
-    if name in adapters.paths and body.get("load_inplace") is not True:
-        return bad_request(f"The lora adapter '{name}' has already been loaded.").response()
-    adapters.register(name, path)
-    return web.Response(text=f"Success: LoRA adapter '{name}' added successfully.")
-
-
-async def unload_lora_adapter(request: web.Request) -> web.Response:
-    adapters = request.app[SIM_STATE].engine.adapters
-    body = await _json_object(request)
-    name = body.get("lora_name")
-    if not isinstance(name, str) or not name:
-        return bad_request("'lora_name' needs to be provided to unload a LoRA adapter.").response()
-    if name not in adapters.paths:
-        return SimAPIError(
-            404, f"The lora adapter '{name}' cannot be found.", "NotFoundError"
-        ).response()
-    adapters.unregister(name)
-    return web.Response(text=f"Success: LoRA adapter '{name}' removed successfully.")
-
-
-async def _json_object(request: web.Request) -> dict[str, object]:
-    try:
-        body = await request.json()
-    except ValueError:
-        return {}
-    return body if isinstance(body, dict) else {}
-
-
 async def metrics(request: web.Request) -> web.Response:
     body = generate_latest(request.app[SIM_STATE].metrics.registry)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
@@ -306,15 +299,32 @@ async def sim_counters(request: web.Request) -> web.Response:
             "kv_cache_usage": state.cache.usage,
             "faults_injected": request.app[faults.SIM_FAULTS].injected,
             "lora_loads": engine.adapters.loads,
+            "kv_leases": len(engine.leases),
             "lora_resident": engine.adapters.resident,
         }
     )
+
+
+async def sim_kv_pull(request: web.Request) -> web.Response:
+    """The simulator's KV side channel: a decode worker reads a leased request's blocks."""
+    body = await json_object(request)
+    request_id = body.get("remote_request_id")
+    leases = request.app[SIM_STATE].engine.leases
+    if not isinstance(request_id, str) or not leases.release(request_id):
+        return web.json_response({"error": "no such lease"}, status=404)
+    return web.json_response({"success": True})
 
 
 async def sim_reset(request: web.Request) -> web.Response:
     request.app[SIM_STATE].engine.reset()
     request.app[faults.SIM_FAULTS].reset_counters()
     return web.json_response({"success": True})
+
+
+async def _kv_client(app: web.Application) -> AsyncIterator[None]:
+    async with aiohttp.ClientSession() as session:
+        app[SIM_HTTP] = session
+        yield
 
 
 async def _run_engine(app: web.Application) -> AsyncIterator[None]:
@@ -344,6 +354,7 @@ def build_sim_app(config: SimConfig) -> web.Application:
     """Build a fresh simulated worker; serve it with ``handler_cancellation=True`` (see runner)."""
     app = web.Application(client_max_size=64 * 1024 * 1024)  # long prompts are the point
     app[SIM_STATE] = build_sim_state(config)
+    app.cleanup_ctx.append(_kv_client)
     app.cleanup_ctx.append(_run_engine)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/completions", completions)
@@ -351,10 +362,10 @@ def build_sim_app(config: SimConfig) -> web.Application:
     app.router.add_get("/v1/models", models)
     app.router.add_get("/metrics", metrics)
     if config.runtime_lora_updating:  # else 404, as vLLM without the environment variable
-        app.router.add_post("/v1/load_lora_adapter", load_lora_adapter)
-        app.router.add_post("/v1/unload_lora_adapter", unload_lora_adapter)
+        install_lora_routes(app, app[SIM_STATE].engine.adapters)
     app.router.add_get("/sim/counters", sim_counters)
     app.router.add_post("/sim/reset", sim_reset)
+    app.router.add_post("/sim/kv_pull", sim_kv_pull)
     faults.install_faults(app, faults.FaultInjector(config.faults, config.fault_seed))
     install_kv_events(app, config, app[SIM_STATE].cache)  # after the engine: stops first
     return app

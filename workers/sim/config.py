@@ -11,6 +11,8 @@ as the event loop allows) while the policy benchmark runs it at 1.
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from router.vllm_wire.block_hash import DEFAULT_NONE_HASH_SEED, HashAlgo
@@ -63,6 +65,17 @@ class SimConfig(BaseModel):
     lora_load_s: float = Field(default=0.05, ge=0.0, description="loading an adapter into a slot")
     runtime_lora_updating: bool = Field(
         default=False, description="serve /v1/load_lora_adapter and /v1/unload_lora_adapter"
+    )
+
+    # P/D disaggregation (vLLM's NixlConnector): which side of a transfer this worker plays.
+    role: Literal["prefill", "decode", "both"] = Field(
+        default="both", description="honour remote-decode params, remote-prefill ones, or both"
+    )
+    kv_lease_s: float = Field(
+        default=30.0, gt=0, description="a prefill worker holds its blocks this long for decode"
+    )
+    kv_transfer_s_per_token: float = Field(
+        default=4e-6, ge=0.0, description="a decode worker's cost per token of KV pulled"
     )
 
     seed: int = Field(default=0, description="seed of the generated words")

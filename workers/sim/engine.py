@@ -29,6 +29,7 @@ from router.vllm_wire.block_hash import (
 )
 from workers.sim.cache import PrefixCache
 from workers.sim.config import SimConfig
+from workers.sim.kv_transfer import KVLeases
 from workers.sim.lora import SimAdapters
 from workers.sim.sequence import RequestState, SimCounters, SimRequest
 
@@ -51,7 +52,8 @@ class SimEngine:
         self.config = config
         self.cache = cache
         self.adapters = adapters or SimAdapters(dict(config.lora_modules), config.max_loras)
-        self._load_s = 0.0  # adapter loads of the step being scheduled
+        self._load_s = 0.0  # adapter loads and KV transfers of the step being scheduled
+        self.leases = KVLeases(cache, config.kv_lease_s)
         self.counters = SimCounters()
         self._waiting: deque[SimRequest] = deque()
         self._running: dict[SimRequest, None] = {}  # insertion-ordered set, O(1) removal
@@ -90,6 +92,8 @@ class SimEngine:
         cache_salt: str | None = None,
         stream_tokens: bool = True,
         lora: LoraKey | None = None,
+        lease: bool = False,
+        remote_prefilled: bool = False,
     ) -> SimRequest:
         """Queue a request that will generate exactly ``output_ids``."""
         cfg = self.config
@@ -108,6 +112,7 @@ class SimEngine:
         req = SimRequest(
             request_id, prompt_ids, output_ids, hashes, cache_salt, now, stream_tokens, lora
         )
+        req.lease, req.remote_prefilled = lease, remote_prefilled
         self._waiting.append(req)
         self.counters.requests += 1
         self._wakeup.set()
@@ -142,6 +147,7 @@ class SimEngine:
     def abort_all(self) -> None:
         for req in [*self._waiting, *self._running]:
             self.abort(req)
+        self.leases.release_all()
 
     def set_slowdown(self, req: SimRequest, factor: float) -> None:
         """Fault injection: ``req`` decodes one token per ``factor`` steps; ``math.inf`` pauses it.
@@ -228,6 +234,11 @@ class SimEngine:
             req.state = RequestState.RUNNING
             self._running[req] = None
             cached = blocks.num_hit_blocks * self._block_size
+            if req.remote_prefilled:
+                # The rest of the prompt's KV arrives from the prefill worker: a transfer, not a
+                # prefill, and vLLM's decode counts all of it as cached.
+                self._load_s += (req.num_prompt - cached) * cfg.kv_transfer_s_per_token
+                cached = req.num_prompt
             req.num_computed = req.num_cached_tokens = cached
             counters.prompt_tokens += req.num_prompt
             counters.cached_tokens += cached
@@ -274,7 +285,11 @@ class SimEngine:
             if req.num_generated >= req.max_tokens:
                 del self._running[req]
                 if req.blocks is not None:
-                    cache.free(req.blocks)
+                    req.block_ids = [b.block_id for b in req.blocks.blocks]
+                    if req.lease:
+                        self.leases.hold(req.request_id, req.blocks)
+                    else:
+                        cache.free(req.blocks)
                 self._finish(req, RequestState.FINISHED, "length", now)
             elif req.stream_tokens:
                 waiter = req.waiter

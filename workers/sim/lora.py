@@ -14,7 +14,10 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterable
 
+from aiohttp import web
+
 from router.vllm_wire.block_hash import LoraKey
+from workers.sim.protocol import SimAPIError, bad_request, json_object
 
 _SERIES_KEPT = 256
 """vLLM keeps every label combination it ever set; the simulator keeps the newest few."""
@@ -82,3 +85,40 @@ class LoraInfoSeries:
             ({"max_lora": self._max, "running_lora_adapters": r, "waiting_lora_adapters": w}, t)
             for (r, w), t in self._series.items()
         ]
+
+
+SIM_ADAPTERS = web.AppKey("sim_adapters", SimAdapters)
+
+
+def install_lora_routes(app: web.Application, adapters: SimAdapters) -> None:
+    """vLLM's runtime adapter updates (only with VLLM_ALLOW_RUNTIME_LORA_UPDATING=True)."""
+    app[SIM_ADAPTERS] = adapters
+    app.router.add_post("/v1/load_lora_adapter", load_lora_adapter)
+    app.router.add_post("/v1/unload_lora_adapter", unload_lora_adapter)
+
+
+async def load_lora_adapter(request: web.Request) -> web.Response:
+    """vLLM's runtime load: 200 with a plain-text success line, 400 on a bad or duplicate name."""
+    adapters = request.app[SIM_ADAPTERS]
+    body = await json_object(request)
+    name, path = body.get("lora_name"), body.get("lora_path")
+    if not isinstance(name, str) or not name or not isinstance(path, str) or not path:
+        return bad_request("Both 'lora_name' and 'lora_path' must be provided.").response()
+    if name in adapters.paths and body.get("load_inplace") is not True:
+        return bad_request(f"The lora adapter '{name}' has already been loaded.").response()
+    adapters.register(name, path)
+    return web.Response(text=f"Success: LoRA adapter '{name}' added successfully.")
+
+
+async def unload_lora_adapter(request: web.Request) -> web.Response:
+    adapters = request.app[SIM_ADAPTERS]
+    body = await json_object(request)
+    name = body.get("lora_name")
+    if not isinstance(name, str) or not name:
+        return bad_request("'lora_name' needs to be provided to unload a LoRA adapter.").response()
+    if name not in adapters.paths:
+        return SimAPIError(
+            404, f"The lora adapter '{name}' cannot be found.", "NotFoundError"
+        ).response()
+    adapters.unregister(name)
+    return web.Response(text=f"Success: LoRA adapter '{name}' removed successfully.")

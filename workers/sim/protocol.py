@@ -75,6 +75,8 @@ class ParsedRequest:
     cache_salt: str | None
     lora: LoraKey | None = None
     """The adapter the request's `model` names (None: the base model)."""
+    kv_transfer: Any = None
+    """Its `kv_transfer_params` (P/D disaggregation), as sent."""
 
 
 def _max_tokens(body: Mapping[str, Any], kind: Kind, default: int) -> int:
@@ -150,6 +152,7 @@ def parse_request(
         include_usage,
         salt,
         lora,
+        body.get("kv_transfer_params"),
     )
 
 
@@ -243,3 +246,12 @@ def full_response(
         "choices": [choice],
         "usage": usage_dict(len(parsed.prompt_ids), completion_tokens, cached_tokens),
     }
+
+
+async def json_object(request: web.Request) -> dict[str, Any]:
+    """A small control request's JSON object body ({} when it is not one)."""
+    try:
+        body = await request.json()
+    except ValueError:
+        return {}
+    return body if isinstance(body, dict) else {}

@@ -45,18 +45,21 @@ class SimRequest:
     __slots__ = (
         "all_tokens",
         "arrival_s",
+        "block_ids",
         "blocks",
         "cache_salt",
         "finish_reason",
         "finish_s",
         "first_token_s",
         "hashes",
+        "lease",
         "lora",
         "max_tokens",
         "num_cached_tokens",
         "num_computed",
         "num_generated",
         "num_prompt",
+        "remote_prefilled",
         "request_id",
         "slow_credit",
         "slowdown",
@@ -78,6 +81,9 @@ class SimRequest:
     ) -> None:
         self.request_id = request_id
         self.lora = lora
+        self.lease = False  # P/D prefill: hold the blocks for a decode worker when finished
+        self.remote_prefilled = False  # P/D decode: the prompt's KV came from a prefill worker
+        self.block_ids: list[int] = []  # the blocks it held when it finished
         self.stream_tokens = stream_tokens  # wake the consumer per token, or only when done
         self.all_tokens: list[int] = [*prompt_ids, *output_ids]
         self.num_prompt = len(prompt_ids)
