@@ -6,12 +6,14 @@ its KV events and hashes blocks the way the gateway does, so this module renders
 ``--enable-prompt-tokens-details``, ``--kv-events-config`` (ZMQ PUB and replay ports),
 ``--prefix-caching-hash-algo sha256_cbor``, and ``PYTHONHASHSEED`` fixed in the child's
 environment (``reference/vllm-interface.md`` §2.2: vLLM before 0.29 draws a random root hash per
-process otherwise). Anything the user passes after ``--`` is kept and wins over a rendered flag
-of the same name, with a warning. ``render_agent_command`` builds the agent's command line from
-the same options (and from the user's overrides, so the agent talks to the port vLLM really
-uses). ``supervise`` starts both, forwards SIGTERM and SIGINT to them, and exits with vLLM's exit
-code when vLLM exits; the agent is only a helper and never outlives it. Both renderers are pure,
-so tests check the command lines without a GPU.
+process otherwise). For a P/D pool's worker (``--pd``) it adds NixlConnector's
+``--kv-transfer-config`` and side-channel environment, and for LoRA ``--enable-lora``,
+``--lora-modules``, ``--max-loras`` and, with ``--dynamic-lora``, the environment variable
+that opens vLLM's runtime adapter loading. Anything the user passes after ``--`` is kept and wins over a rendered flag of
+the same name, with a warning. ``render_agent_command`` builds the agent's command line from the
+same options (and from the user's overrides, so the agent talks to the port vLLM really uses).
+``supervise`` (``workers.supervise``) runs both. Both renderers are pure, so tests check the
+command lines without a GPU.
 """
 
 from __future__ import annotations
@@ -19,17 +21,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import shlex
-import signal
 import socket
-import subprocess
 import sys
-import time
 from collections.abc import Sequence
-from types import FrameType
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from workers.supervise import supervise
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +60,16 @@ class LaunchOptions(BaseModel):
         default=None, description="command prefix of prefix-worker; default: this interpreter"
     )
     stop_timeout_s: float = Field(default=30.0, gt=0, description="grace before SIGKILL")
+    # P/D disaggregation: NixlConnector on every worker (the gateway decides who prefills).
+    pd: bool = Field(default=False, description="render --kv-transfer-config for NixlConnector")
+    nixl_host: str | None = Field(default=None, description="VLLM_NIXL_SIDE_CHANNEL_HOST")
+    nixl_port: int = Field(default=5600, ge=1, le=65535, description="its side-channel port")
+    # LoRA: adapters served from the start, GPU slots, and loading at run time.
+    lora_modules: tuple[str, ...] = Field(default=(), description="NAME=PATH, as vLLM's flag")
+    max_loras: int | None = Field(default=None, ge=1)
+    dynamic_lora: bool = Field(
+        default=False, description="VLLM_ALLOW_RUNTIME_LORA_UPDATING=True (the gateway loads)"
+    )
 
     @model_validator(mode="after")
     def _distinct_ports(self) -> LaunchOptions:
@@ -147,6 +156,7 @@ def render_vllm_command(
             ["--kv-events-config", json.dumps(kv_events_config(options), separators=(",", ":"))],
         ),
         ("prefix-caching-hash-algo", ["--prefix-caching-hash-algo", HASH_ALGO]),
+        *_pd_and_lora_flags(options),
     ]
     for name, args in rendered:
         if name in given and len(args) == 1:
@@ -159,7 +169,38 @@ def render_vllm_command(
             argv.extend(args)
     argv.extend(user_args)
     _warn_dp_port_clash(options, user_args)
-    return argv, {"PYTHONHASHSEED": str(options.hash_seed)}
+    env = {"PYTHONHASHSEED": str(options.hash_seed)}
+    if options.pd:
+        env["VLLM_NIXL_SIDE_CHANNEL_PORT"] = str(options.nixl_port)
+        if options.nixl_host is not None:
+            env["VLLM_NIXL_SIDE_CHANNEL_HOST"] = options.nixl_host
+    if options.dynamic_lora:
+        env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
+    return argv, env
+
+
+# The connector every P/D worker runs (reference: vllm-pd-lora-continuation §1.1). The failure
+# policy is pinned: its default changed between releases, and the gateway restarts a request
+# whose decode could not read the KV rather than letting a decode worker recompute it silently.
+NIXL_TRANSFER_CONFIG = {
+    "kv_connector": "NixlConnector",
+    "kv_role": "kv_both",
+    "kv_load_failure_policy": "fail",
+}
+
+
+def _pd_and_lora_flags(options: LaunchOptions) -> list[tuple[str, list[str]]]:
+    flags: list[tuple[str, list[str]]] = []
+    if options.pd:
+        config = json.dumps(NIXL_TRANSFER_CONFIG, separators=(",", ":"))
+        flags.append(("kv-transfer-config", ["--kv-transfer-config", config]))
+    if options.lora_modules or options.dynamic_lora or options.max_loras is not None:
+        flags.append(("enable-lora", ["--enable-lora"]))
+    if options.lora_modules:
+        flags.append(("lora-modules", ["--lora-modules", *options.lora_modules]))
+    if options.max_loras is not None:
+        flags.append(("max-loras", ["--max-loras", str(options.max_loras)]))
+    return flags
 
 
 def _warn_dp_port_clash(options: LaunchOptions, user_args: Sequence[str]) -> None:
@@ -243,77 +284,6 @@ def render_agent_command(options: LaunchOptions, user_args: Sequence[str]) -> li
     return argv
 
 
-# -- supervision -------------------------------------------------------------------------------
-
-
-def _exit_code(returncode: int) -> int:
-    return 128 - returncode if returncode < 0 else returncode  # killed by N -> 128+N, as shells
-
-
-def _stop(proc: subprocess.Popen[bytes], timeout_s: float) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        log.warning("pid %d ignored SIGTERM for %.0f s; killing it", proc.pid, timeout_s)
-        proc.kill()
-        proc.wait()
-
-
-def supervise(
-    vllm_argv: list[str],
-    env: dict[str, str],
-    agent_argv: list[str] | None,
-    stop_timeout_s: float = 30.0,
-) -> int:
-    """Run vLLM (and the agent) until vLLM exits; return its exit code.
-
-    Children get their own session, so a terminal's Ctrl-C reaches them once, from us, rather
-    than twice (vLLM takes a second SIGINT as a demand to die at once). A vLLM that has not
-    exited ``stop_timeout_s`` after the first forwarded signal is killed.
-    """
-    procs: list[subprocess.Popen[bytes]] = []
-    stop_requested_at: list[float] = []
-
-    def forward(signum: int, frame: FrameType | None) -> None:
-        if not stop_requested_at:
-            stop_requested_at.append(time.monotonic())
-        for proc in procs:
-            if proc.poll() is None:
-                proc.send_signal(signum)
-
-    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        vllm = subprocess.Popen(vllm_argv, env={**os.environ, **env}, start_new_session=True)
-        procs.append(vllm)
-        agent = None
-        if agent_argv is not None:
-            agent = subprocess.Popen(agent_argv, start_new_session=True)
-            procs.append(agent)
-        while True:
-            # A bounded wait, so the kill deadline and the agent's health get looked at.
-            try:
-                returncode = vllm.wait(timeout=1.0)
-                break
-            except subprocess.TimeoutExpired:
-                pass
-            if stop_requested_at and time.monotonic() - stop_requested_at[0] > stop_timeout_s:
-                log.warning("vllm ignored the signal for %.0f s; killing it", stop_timeout_s)
-                vllm.kill()
-            if agent is not None and agent.poll() is not None:
-                # The agent only feeds the router; vLLM keeps serving without it.
-                log.warning("the agent exited with %d; vllm keeps running", agent.returncode)
-                agent = None
-        log.info("vllm exited with %d", returncode)
-        return _exit_code(returncode)
-    finally:
-        for proc in procs:
-            _stop(proc, stop_timeout_s)
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
 # -- command line ------------------------------------------------------------------------------
 
 
@@ -341,6 +311,14 @@ def add_vllm_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser
     cmd.add_argument("--vllm-executable", default="vllm", help="command to run vllm")
     cmd.add_argument("--agent-executable", default=None, help="command to run prefix-worker")
     cmd.add_argument("--stop-timeout-s", type=float, default=30.0)
+    cmd.add_argument("--pd", action="store_true", help="NixlConnector for a P/D pool's worker")
+    cmd.add_argument("--nixl-host", default=None, help="address decode workers reach it at")
+    cmd.add_argument("--nixl-port", type=int, default=5600)
+    cmd.add_argument("--lora-modules", nargs="+", default=(), metavar="NAME=PATH")
+    cmd.add_argument("--max-loras", type=int, default=None)
+    cmd.add_argument(
+        "--dynamic-lora", action="store_true", help="let the gateway load adapters at run time"
+    )
     cmd.add_argument("--dry-run", action="store_true", help="print the command lines and exit")
 
 
@@ -358,6 +336,12 @@ def run_vllm_command(args: argparse.Namespace, user_args: Sequence[str]) -> int:
             vllm_executable=args.vllm_executable,
             agent_executable=args.agent_executable,
             stop_timeout_s=args.stop_timeout_s,
+            pd=args.pd,
+            nixl_host=args.nixl_host,
+            nixl_port=args.nixl_port,
+            lora_modules=tuple(args.lora_modules),
+            max_loras=args.max_loras,
+            dynamic_lora=args.dynamic_lora,
         )
         vllm_argv, env = render_vllm_command(options, user_args)
         agent_argv = (

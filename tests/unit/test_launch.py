@@ -216,3 +216,29 @@ def test_launcher_exits_when_vllm_exits_and_stops_the_agent(tmp_path: Path) -> N
         if launcher.poll() is None:
             launcher.kill()
     assert json.loads((tmp_path / "agent.exit.json").read_text())["signal"] == "SIGTERM"
+
+
+def test_pd_and_lora_flags_are_rendered() -> None:
+    options = LaunchOptions(
+        model="m",
+        pd=True,
+        nixl_host="10.0.0.7",
+        lora_modules=("sql=/adapters/sql", "chat=/adapters/chat"),
+        max_loras=4,
+        dynamic_lora=True,
+    )
+    argv, env = render_vllm_command(options, [])
+    assert json.loads(flag_value(argv, "--kv-transfer-config")) == {
+        "kv_connector": "NixlConnector",
+        "kv_role": "kv_both",
+        "kv_load_failure_policy": "fail",
+    }
+    assert argv.count("--enable-lora") == 1 and flag_value(argv, "--max-loras") == "4"
+    start = argv.index("--lora-modules")
+    assert argv[start + 1 : start + 3] == ["sql=/adapters/sql", "chat=/adapters/chat"]
+    assert env["VLLM_NIXL_SIDE_CHANNEL_HOST"] == "10.0.0.7"
+    assert env["VLLM_NIXL_SIDE_CHANNEL_PORT"] == "5600"
+    assert env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
+    plain_argv, plain_env = render_vllm_command(LaunchOptions(model="m"), [])
+    assert "--kv-transfer-config" not in plain_argv and "--enable-lora" not in plain_argv
+    assert set(plain_env) == {"PYTHONHASHSEED"}
