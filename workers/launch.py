@@ -8,12 +8,12 @@ its KV events and hashes blocks the way the gateway does, so this module renders
 environment (``reference/vllm-interface.md`` §2.2: vLLM before 0.29 draws a random root hash per
 process otherwise). For a P/D pool's worker (``--pd``) it adds NixlConnector's
 ``--kv-transfer-config`` and side-channel environment, and for LoRA ``--enable-lora``,
-``--lora-modules``, ``--max-loras`` and, with ``--dynamic-lora``, the environment variable
-that opens vLLM's runtime adapter loading. Anything the user passes after ``--`` is kept and wins over a rendered flag of
-the same name, with a warning. ``render_agent_command`` builds the agent's command line from the
-same options (and from the user's overrides, so the agent talks to the port vLLM really uses).
-``supervise`` (``workers.supervise``) runs both. Both renderers are pure, so tests check the
-command lines without a GPU.
+``--lora-modules``, ``--max-loras`` and, with ``--dynamic-lora``, the environment variable that
+opens vLLM's runtime adapter loading. Anything the user passes after ``--`` is kept and wins
+over a rendered flag of the same name, with a warning. ``render_agent_command`` builds the
+agent's command line from the same options (and from the user's overrides, so the agent talks to
+the port vLLM really uses). ``supervise`` (``workers.supervise``) runs both. Both renderers are
+pure, so tests check the command lines without a GPU.
 """
 
 from __future__ import annotations
