@@ -12,6 +12,7 @@ BENCHMARKS = {
     "soak": "loadtest.bench_soak",
     "migration": "loadtest.bench_migration",
     "precise": "loadtest.bench_precise",
+    "pd": "loadtest.bench_pd",
     "routing-report": "loadtest.routing_charts",
 }
 

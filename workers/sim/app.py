@@ -118,8 +118,13 @@ async def _serve(request: web.Request, kind: Kind) -> web.StreamResponse:
         role = state.config.role
         lease = role != "decode" and not parsed.stream and wants_remote_decode(parsed.kv_transfer)
         remote = remote_prefill(parsed.kv_transfer) if role != "prefill" else None
-        if remote is not None and not await pull(request.app[SIM_HTTP], remote, 5.0):
-            return _kv_load_failed().response()
+        if remote is not None:
+            if not await pull(request.app[SIM_HTTP], remote, 5.0):
+                return _kv_load_failed().response()
+            cfg = state.config  # the transfer itself: the KV crosses the network
+            await asyncio.sleep(
+                len(parsed.prompt_ids) * cfg.kv_transfer_s_per_token * cfg.time_scale
+            )
         req = engine.submit(
             parsed.request_id,
             parsed.prompt_ids,

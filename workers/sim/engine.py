@@ -52,7 +52,7 @@ class SimEngine:
         self.config = config
         self.cache = cache
         self.adapters = adapters or SimAdapters(dict(config.lora_modules), config.max_loras)
-        self._load_s = 0.0  # adapter loads and KV transfers of the step being scheduled
+        self._load_s = 0.0  # adapter loads of the step being scheduled
         self.leases = KVLeases(cache, config.kv_lease_s)
         self.counters = SimCounters()
         self._waiting: deque[SimRequest] = deque()
@@ -235,9 +235,9 @@ class SimEngine:
             self._running[req] = None
             cached = blocks.num_hit_blocks * self._block_size
             if req.remote_prefilled:
-                # The rest of the prompt's KV arrives from the prefill worker: a transfer, not a
-                # prefill, and vLLM's decode counts all of it as cached.
-                self._load_s += (req.num_prompt - cached) * cfg.kv_transfer_s_per_token
+                # The prompt's KV came from the prefill worker (the handler waited for the
+                # transfer, which vLLM runs beside the engine's steps): nothing to prefill, and
+                # vLLM's decode counts all of it as cached.
                 cached = req.num_prompt
             req.num_computed = req.num_cached_tokens = cached
             counters.prompt_tokens += req.num_prompt

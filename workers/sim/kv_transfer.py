@@ -1,14 +1,15 @@
 """P/D disaggregation in the simulated worker, as vLLM's NixlConnector behaves on the wire
 (`reference/vllm-pd-lora-continuation.md` §1).
 
-A prefill worker given `kv_transfer_params.do_remote_decode` answers its length-capped
-one-token request with `kv_transfer_params` naming its blocks, and holds those blocks for a
-lease (`kv_lease_s`) instead of freeing them. A decode worker given params with
-`do_remote_prefill` pulls the blocks from the prefill worker named by `remote_host` and
-`remote_port` (the simulator's side channel is its HTTP port: `POST /sim/kv_pull`, which ends
-the lease); it then skips that prefill, paying a transfer cost per pulled token instead, and
-reports the prompt as cached. A pull that finds no lease (expired, or the prefill worker died)
-fails the request with a 500, as vLLM's `kv_load_failure_policy: fail` does.
+A prefill worker given `kv_transfer_params.do_remote_decode` answers its length-capped one-token
+request with `kv_transfer_params` naming its blocks, and holds those blocks for a lease
+(`kv_lease_s`) instead of freeing them. A decode worker given params with `do_remote_prefill`
+pulls the blocks from the prefill worker named by `remote_host` and `remote_port` (the
+simulator's side channel is its HTTP port: `POST /sim/kv_pull`, which ends the lease); it waits
+out a transfer cost per token (outside the engine's steps, as vLLM's asynchronous NIXL reads
+do), then skips that prefill and reports the prompt as cached. A pull that finds no lease
+(expired, or the prefill worker died) fails the request with a 500, as vLLM's
+`kv_load_failure_policy: fail` does.
 """
 
 from __future__ import annotations
