@@ -104,3 +104,18 @@ def chat_body(
         "stream": stream,
         **extra,
     }
+
+
+async def matched_and_cached(
+    http: aiohttp.ClientSession,
+    url: str,
+    body: dict[str, Any],
+    headers: dict[str, str] | None = None,
+) -> tuple[int, int]:
+    """Send a non-streamed completion through a gateway with debug headers: (tokens the
+    gateway predicted cached, tokens the worker reported cached)."""
+    async with http.post(url + "/v1/completions", json=body, headers=headers) as resp:
+        assert resp.status == 200, await resp.text()
+        predicted = int(resp.headers["X-Route-Matched-Tokens"])
+        usage = (await resp.json())["usage"]
+    return predicted, int(usage["prompt_tokens_details"]["cached_tokens"])

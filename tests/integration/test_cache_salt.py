@@ -10,7 +10,7 @@ from typing import Any
 import aiohttp
 
 from router.auth import hash_key
-from tests.conftest import MODEL, GatewayFactory, SimFactory, gateway_config
+from tests.conftest import MODEL, GatewayFactory, SimFactory, gateway_config, matched_and_cached
 
 ISOLATED_KEY, OTHER_KEY = "pr-isolated-tenant-key", "pr-other-tenant-key"
 ISOLATED_SALT = "isolated-tenant-secret-salt-0123456789"
@@ -27,11 +27,7 @@ async def complete(
     """(tokens the gateway predicted cached, tokens the worker reported cached)."""
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     body = {"model": MODEL, "prompt": text, "max_tokens": 1, **extra}
-    async with http.post(url + "/v1/completions", json=body, headers=headers) as resp:
-        assert resp.status == 200, await resp.text()
-        predicted = int(resp.headers["X-Route-Matched-Tokens"])
-        usage = (await resp.json())["usage"]
-    return predicted, usage["prompt_tokens_details"]["cached_tokens"]
+    return await matched_and_cached(http, url, body, headers)
 
 
 async def test_a_different_salt_is_no_prefix_hit(

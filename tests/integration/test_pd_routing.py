@@ -16,19 +16,12 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from router.upstream.disaggregation import REMOTE_DECODE
 from tests.conftest import MODEL, GatewayFactory, SimFactory, gateway_config
 from tests.raw_server import MODELS
 from workers.sim.fault_spec import parse_fault_spec
 
 PROMPT = " ".join(f"tok{i}" for i in range(400))
-REMOTE_DECODE = {
-    "do_remote_decode": True,
-    "do_remote_prefill": False,
-    "remote_engine_id": None,
-    "remote_block_ids": None,
-    "remote_host": None,
-    "remote_port": None,
-}
 
 
 def pd_config(prefill: list[str], decode: list[str], **overrides: Any) -> Any:
@@ -177,7 +170,9 @@ async def test_the_prefill_body_and_a_prefill_without_params(
     (got,) = seen
     body = got["body"]
     assert got["rid"] == "pd-request-1"  # the same id on both legs
+    # NixlConnector's request for a remote decode (the reference proxies send the same).
     assert body["kv_transfer_params"] == REMOTE_DECODE
+    assert REMOTE_DECODE["do_remote_decode"] is True and REMOTE_DECODE["do_remote_prefill"] is False
     assert body["stream"] is False and "stream_options" not in body
     assert body["max_tokens"] == 1 and body["min_tokens"] == 1
     assert body["messages"] == [{"role": "user", "content": PROMPT}]

@@ -10,7 +10,7 @@ from typing import Any
 import aiohttp
 
 from router.config import parse_config
-from tests.conftest import GatewayFactory, SimFactory
+from tests.conftest import GatewayFactory, SimFactory, matched_and_cached
 
 SHORT, LONG = "short-words", "long-words"
 
@@ -39,11 +39,7 @@ async def complete(
 ) -> tuple[int, int]:
     """(tokens the gateway predicted cached, tokens the worker reported cached)."""
     body = {"model": model, "prompt": prompt, "max_tokens": 1}
-    async with http.post(url + "/v1/completions", json=body) as resp:
-        assert resp.status == 200, await resp.text()
-        predicted = int(resp.headers["X-Route-Matched-Tokens"])
-        usage = (await resp.json())["usage"]
-    return predicted, usage["prompt_tokens_details"]["cached_tokens"]
+    return await matched_and_cached(http, url, body)
 
 
 async def test_each_pool_learns_its_own_characters_per_token(

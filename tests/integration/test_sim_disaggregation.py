@@ -10,18 +10,11 @@ from typing import Any
 
 import aiohttp
 
+from router.upstream.disaggregation import REMOTE_DECODE
 from tests.conftest import MODEL, SimFactory, wait_for
 from workers.cli import _build_parser
 
 PROMPT = " ".join(f"tok{i}" for i in range(300))
-REMOTE_DECODE = {
-    "do_remote_decode": True,
-    "do_remote_prefill": False,
-    "remote_engine_id": None,
-    "remote_block_ids": None,
-    "remote_host": None,
-    "remote_port": None,
-}
 
 
 async def post(http: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> Any:
