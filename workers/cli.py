@@ -59,6 +59,12 @@ def _build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--model", required=True, help="served model name")
     sim.add_argument("--host", default="127.0.0.1")
     sim.add_argument("--port", type=int, default=8000, help="0 picks a free port")
+    sim.add_argument(
+        "--workers", type=int, default=1, help="simulated workers in this process (one loop)"
+    )
+    sim.add_argument(
+        "--base-port", type=int, default=None, help="with --workers: ports from here on"
+    )
     for flag, (dest, kind) in _SIM_FLAGS.items():
         aliases = [flag]
         if dest == "step_overhead_s":
@@ -132,7 +138,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "vllm":
         return run_vllm_command(args, passthrough)
     if args.command == "sim":
-        fields = {"model": args.model, "host": args.host, "port": args.port}
+        if args.workers < 1:
+            parser.error("--workers must be at least 1")
+        port = args.base_port if args.base_port is not None else args.port
+        fields = {"model": args.model, "host": args.host, "port": port}
         for dest, _ in [
             *_SIM_FLAGS.values(),
             ("cache_output_blocks", bool),
@@ -153,7 +162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from workers.sim.runner import run_sim  # aiohttp import only when serving
 
         with contextlib.suppress(KeyboardInterrupt):
-            run_sim(config)
+            run_sim(config, args.workers)
         return 0
     if args.command == "agent":
         return run_agent_command(args)

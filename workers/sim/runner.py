@@ -4,8 +4,10 @@
 returns a handle with the base URL, which is what a gateway's worker list takes (no ``/v1``).
 The runner enables ``handler_cancellation`` so that a client hanging up cancels its handler and
 aborts the request in the engine, as vLLM does; aiohttp already sets TCP_NODELAY on every
-accepted connection, so streamed chunks are not held back by Nagle's algorithm. ``run_sim`` is the
-CLI's entry: the same app on uvloop until interrupted.
+accepted connection, so streamed chunks are not held back by Nagle's algorithm. ``run_sim`` is
+the CLI's entry: the same app on uvloop until interrupted, or several (``--workers N``): one
+process and one event loop for a whole simulated fleet, each worker with its own port, cache,
+timing and KV-event publisher, so 64 of them fit on a small machine.
 """
 
 from __future__ import annotations
@@ -67,25 +69,60 @@ async def start_sim_worker(config: SimConfig) -> SimHandle:
     return SimHandle(url=f"{scheme}://{host}:{port}", app=app, runner=runner, config=config)
 
 
-async def serve_sim_forever(config: SimConfig) -> None:
-    handle = await start_sim_worker(config)
+def _nth_endpoint(endpoint: str | None, index: int) -> str | None:
+    """The `index`-th worker's ZMQ endpoint: TCP ports count up from the first (as vLLM's DP
+    ranks do), other transports get a suffix."""
+    if endpoint is None or index == 0:
+        return endpoint
+    head, sep, port = endpoint.rpartition(":")
+    if endpoint.startswith("tcp://") and sep and port.isdigit():
+        return f"{head}:{int(port) + index}"
+    return f"{endpoint}-{index}"
+
+
+def fleet_configs(config: SimConfig, workers: int) -> list[SimConfig]:
+    """`workers` simulated workers from one config: ports from `config.port` on (each its own
+    ephemeral port when it is 0), and KV-event endpoints likewise. Ports of different workers'
+    KV events must not overlap: give the replay endpoint a base above the PUB ones' range."""
+    out = []
+    for i in range(workers):
+        out.append(
+            config.model_copy(
+                update={
+                    "port": config.port + i if config.port else 0,
+                    "kv_events_endpoint": _nth_endpoint(config.kv_events_endpoint, i),
+                    "kv_events_replay_endpoint": _nth_endpoint(config.kv_events_replay_endpoint, i),
+                }
+            )
+        )
+    return out
+
+
+async def serve_sim_forever(configs: list[SimConfig]) -> None:
+    """Serve every config's worker on this one event loop until SIGINT or SIGTERM."""
+    handles: list[SimHandle] = []
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
-    print(f"simulated vLLM worker for {config.model!r} serving on {handle.url}", flush=True)
     try:
+        for config in configs:
+            handle = await start_sim_worker(config)
+            handles.append(handle)
+            print(f"simulated vLLM worker for {config.model!r} serving on {handle.url}", flush=True)
         await stop.wait()
     finally:
-        await handle.stop()
+        for handle in handles:
+            await handle.stop()
 
 
-def run_sim(config: SimConfig) -> None:
-    """Serve a simulated worker until SIGINT/SIGTERM, on uvloop when it is installed."""
+def run_sim(config: SimConfig, workers: int = 1) -> None:
+    """Serve `workers` simulated workers in this process until SIGINT/SIGTERM, on uvloop."""
+    configs = fleet_configs(config, workers)
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency, but keep the CLI usable
-        asyncio.run(serve_sim_forever(config))
+        asyncio.run(serve_sim_forever(configs))
         return
-    uvloop.run(serve_sim_forever(config))
+    uvloop.run(serve_sim_forever(configs))
