@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import subprocess
 import sys
 
 import aiohttp
@@ -36,14 +35,14 @@ def test_fleet_configs_count_ports_and_event_endpoints_up() -> None:
 async def test_one_process_serves_independent_workers(http: aiohttp.ClientSession) -> None:
     argv = [sys.executable, "-m", "workers", "sim", "--model", "m", "--workers", "4"]
     argv += ["--base-port", "0", "--time-scale", "0"]
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+    proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE)
     try:
         assert proc.stdout is not None
-        urls = []
+        urls: list[str] = []
         while len(urls) < 4:
-            line = await asyncio.to_thread(proc.stdout.readline)
+            line = await asyncio.wait_for(proc.stdout.readline(), timeout=30)
             assert line, "the fleet exited before serving"
-            urls += re.findall(r"serving on (http://\S+)", line)
+            urls += re.findall(r"serving on (http://\S+)", line.decode())
         assert len(set(urls)) == 4
         body = {"model": "m", "prompt": "one two three " * 40, "max_tokens": 2}
         for _ in range(2):
@@ -55,8 +54,7 @@ async def test_one_process_serves_independent_workers(http: aiohttp.ClientSessio
                 requests.append((await resp.json())["requests"])
         assert requests == [2, 0, 0, 0]  # each worker its own engine and counters
     finally:
-        proc.terminate()
-        code = proc.wait(timeout=10)
-        if proc.stdout is not None:
-            proc.stdout.close()
+        if proc.returncode is None:
+            proc.terminate()
+        code = await asyncio.wait_for(proc.wait(), timeout=10)
     assert code == 0  # SIGTERM stops every worker cleanly
