@@ -172,3 +172,32 @@ async def call_all(procs: list[Proc], method: str, path: str) -> list[dict[str, 
                 return data
 
         return list(await asyncio.gather(*(one(p) for p in procs)))
+
+
+def free_port_range(count: int) -> int:
+    """The first of `count` consecutive free local ports (none of them Redis's default)."""
+    while True:
+        base = free_port()
+        ports = range(base, base + count)
+        if 6379 in ports or base + count > 65535:
+            continue
+        try:
+            with contextlib.ExitStack() as stack:
+                for port in ports:
+                    s = stack.enter_context(socket.socket())
+                    s.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return base
+
+
+def start_sim_fleet(model: str, count: int, extra: list[str] | None = None) -> list[Proc]:
+    """`count` simulated workers in one process (`prefix-worker sim --workers`): one Proc per
+    worker URL, all sharing that process (stopping one stops the fleet)."""
+    base = free_port_range(count)
+    args = [sys.executable, "-m", "workers", "sim", "--model", model]
+    args += ["--workers", str(count), "--base-port", str(base), *(extra or [])]
+    first = spawn(args, f"http://127.0.0.1:{base}", f"fleet{base}")
+    return [first] + [
+        Proc(url=f"http://127.0.0.1:{base + i}", popen=first.popen) for i in range(1, count)
+    ]

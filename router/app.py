@@ -215,6 +215,6 @@ async def _start_loops(
             "index_follower", lambda: state.fleet.run_follower(lambda: list(state.registry.pools))
         )
         kv_follower = KVFollower(
-            state.registry, backend.redis_url, Keys(state.config.state.key_prefix)
+            state.registry, backend.redis_url, Keys(state.config.state.key_prefix), state.metrics
         )
         supervisor.start("kv_follower", kv_follower.run)

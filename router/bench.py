@@ -13,6 +13,7 @@ BENCHMARKS = {
     "migration": "loadtest.bench_migration",
     "precise": "loadtest.bench_precise",
     "pd": "loadtest.bench_pd",
+    "events": "loadtest.bench_events",
     "routing-report": "loadtest.routing_charts",
 }
 

@@ -38,6 +38,7 @@ LATENCY_BUCKETS_S = (
     40.0,
     80.0,
 )
+KV_LAG_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.25, 1.0, 5.0)
 DECISION_BUCKETS_S = (
     0.000005,
     0.00001,
@@ -270,6 +271,20 @@ class GatewayMetrics:
             "Background loops (health, load_scrape, discovery, Redis followers) restarted after"
             " an exception escaped them",
             ["loop"],
+            registry=r,
+        )
+        self.kv_events_applied = Counter(
+            "prefix_router_kv_events_applied",
+            "Block events (hashes stored or removed, clears) applied to precise indexes",
+            ["pool"],
+            registry=r,
+        )
+        self.kv_event_lag = Histogram(
+            "prefix_router_kv_event_lag_seconds",
+            "From an agent's write of a KV event to Redis (its stream entry id) to the "
+            "gateway applying it",
+            ["pool"],
+            buckets=KV_LAG_BUCKETS_S,
             registry=r,
         )
         self.redis_up = Gauge(

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,6 +33,7 @@ from redis.exceptions import RedisError
 from router.domain.pool import Pool
 from router.domain.registry import Registry
 from router.logs import LogOnce
+from router.metrics import GatewayMetrics
 from router.routing.precise_index import (
     CLEARED,
     REMOVED,
@@ -46,7 +48,9 @@ from router.state.stream_reader import StreamReader
 log = logging.getLogger("prefix_router.kv_follower")
 
 _COUNT = 1000  # entries per XREAD; a full reply means the follower may be lagging
-_POLL_S = 0.05  # between XREADs that found nothing; also the cadence of the new-worker check
+_POLL_S = 0.01
+"""Between XREADs that found nothing (also the cadence of the new-worker check): the floor of
+the events' lag; 100 empty reads a second cost the gateway well under 1% of a core."""
 _RETRY_S = 0.5
 _OPS = (STORED, REMOVED, CLEARED)
 
@@ -75,9 +79,15 @@ def _ints(raw: Sequence[Any] | bytes | str) -> list[int]:
 
 class KVFollower:
     def __init__(
-        self, registry: Registry, redis_url: str, keys: Keys, timeout_s: float = 1.0
+        self,
+        registry: Registry,
+        redis_url: str,
+        keys: Keys,
+        metrics: GatewayMetrics | None = None,
+        timeout_s: float = 1.0,
     ) -> None:
         self._registry = registry
+        self._metrics = metrics
         self._url = redis_url
         self._keys = keys
         self._timeout_s = timeout_s
@@ -159,26 +169,45 @@ class KVFollower:
             if view is None or name not in pools:
                 continue
             mapping = self._mapping(pools[name][0])
+            applied = 0
             for _entry_id, fields in entries:
                 try:
-                    self._apply(view.index, mapping, fields)
+                    applied += self._apply(view.index, mapping, fields)
                 except (UnicodeDecodeError, AttributeError, TypeError) as exc:
                     # One agent's bad entry is skipped; the stream goes on being followed.
                     self._bad_entries.warning(
                         name, type(exc).__name__, "KV event in %s skipped: malformed entry", name
                     )
+            if self._metrics is not None and entries:
+                self._count(name, entries, applied)
             if len(entries) >= _COUNT and await self._reader.trimmed_past(client, stream):
                 log.warning("KV follower of %s fell behind the stream's trimming", name)
                 await self._resync(client, name, *pools[name])
         return bool(batches)
 
-    def _apply(self, index: PreciseIndex, mapping: dict[str, str], fields: Any) -> None:
+    def _apply(self, index: PreciseIndex, mapping: dict[str, str], fields: Any) -> int:
+        """Apply one entry; the block events it held (a clear counts one)."""
         agent = fields.get(b"worker")
         op = _text(fields.get(b"op", b""))
         worker_id = mapping.get(_text(agent)) if agent is not None else None
         if worker_id is None or op not in _OPS:
-            return  # an agent of no current worker: its snapshot is loaded when it joins
-        index.apply(worker_id, op, _ints(fields.get(b"hashes", b"")))
+            return 0  # an agent of no current worker: its snapshot is loaded when it joins
+        hashes = _ints(fields.get(b"hashes", b""))
+        index.apply(worker_id, op, hashes)
+        return len(hashes) or 1
+
+    def _count(self, pool: str, entries: list[tuple[Any, Any]], applied: int) -> None:
+        """Block events applied, and their lag: a stream entry's id is the Redis clock's
+        milliseconds when the agent wrote it (compared with this host's clock: keep them in
+        NTP sync). The batch's first and last entries stand for it."""
+        assert self._metrics is not None
+        self._metrics.kv_events_applied.labels(pool).inc(applied)
+        lag = self._metrics.kv_event_lag.labels(pool)
+        now_ms = time.time() * 1000
+        for entry_id, _ in (entries[0], entries[-1]):
+            millis = _text(entry_id).partition("-")[0]
+            if millis.isdigit():
+                lag.observe(max(0.0, now_ms - int(millis)) / 1000)
 
     async def _resync(
         self, client: aioredis.Redis, name: str, pool: Pool, index: PreciseIndex

@@ -10,6 +10,7 @@ view and a resync follows. Every wait is a condition with a deadline.
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -161,6 +162,12 @@ async def test_routes_to_the_worker_that_reported_the_prefix(
     await wait_for(_confirmed(index, owner, _hashes(first)), what="events confirm the blocks")
     await wait_for(_confirmed(index, other_owner, _hashes(other)), what="...on both workers")
     await wait_for(_settled(index, owner, other_owner), what="speculation expired")
+    # The gateway counts the block events it applied, and their lag.
+    async with http.get(url + "/metrics") as resp:
+        metrics = await resp.text()
+    applied = re.search(r'prefix_router_kv_events_applied_total\{pool="test-llm"\} (\S+)', metrics)
+    assert applied is not None and float(applied.group(1)) >= len(_hashes(first))
+    assert 'prefix_router_kv_event_lag_seconds_count{pool="test-llm"}' in metrics
 
     # Same system prompt, another question: routed on the reported blocks alone.
     follow = await _ask(http, url, _body("and the second rule"))
