@@ -163,6 +163,7 @@ async def _upstream_client(app: web.Application) -> AsyncIterator[None]:
     yield
     client.close()
     await session.close()
+    state.registry.close()
 
 
 async def _background_tasks(app: web.Application) -> AsyncIterator[None]:

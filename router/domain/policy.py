@@ -57,6 +57,21 @@ class PromptKeyer(Protocol):
         the adapter the request names, as (name, path): vLLM hashes it into every block."""
         ...
 
+    async def key_async(
+        self,
+        body: Mapping[str, Any],
+        chat: bool,
+        key_chars: int,
+        lora: tuple[str, str] | None = None,
+    ) -> PreciseKey | None:
+        """The same key, computed off the event loop when the prompt is long (`key_chars`:
+        its routing key's length)."""
+        ...
+
+    def close(self) -> None:
+        """Stop whatever the keyer runs beside the gateway (a replaced pool's keyer)."""
+        ...
+
 
 @dataclass(slots=True)
 class Decision:

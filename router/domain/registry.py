@@ -88,6 +88,10 @@ class Registry:
         for worker in gone:
             if worker.pool in kept_policy:
                 pools[worker.pool].policy.forget_worker(worker)
+        kept_keyers = {id(p.keyer) for p in pools.values()}
+        for old_pool in self._pools.values():
+            if old_pool.keyer is not None and id(old_pool.keyer) not in kept_keyers:
+                old_pool.keyer.close()  # its helper process has nothing left to key
         self._pools, self._by_model, self._workers = pools, by_model, workers
         for worker in gone:
             self._left(worker)
@@ -166,6 +170,12 @@ class Registry:
 
     def workers(self) -> Iterator[Worker]:
         return iter(list(self._workers.values()))
+
+    def close(self) -> None:
+        """Stop what the pools run beside the gateway (precise keyers' helper processes)."""
+        for pool in self._pools.values():
+            if pool.keyer is not None:
+                pool.keyer.close()
 
     def models(self) -> list[str]:
         return list(self._pools)

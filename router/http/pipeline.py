@@ -101,8 +101,11 @@ async def forward_openai(
         path = state.registry.adapters(pool).get(adapter)
         lora = (adapter, path) if path is not None else None
         await state.adapters.ensure(pool, adapter, path)
-    # Precise pools tokenize and hash the prompt as their workers will, once per request.
-    precise = pool.keyer.key(body, kind == "chat", lora) if pool.keyer is not None else None
+    # Precise pools tokenize and hash the prompt as their workers will, once per request
+    # (a long prompt off the event loop).
+    chat = kind == "chat"
+    keyer = pool.keyer
+    precise = await keyer.key_async(body, chat, len(key), lora) if keyer is not None else None
     prompt_tokens = (
         max(1, precise.prompt_tokens) if precise else pool.calibration.estimate_tokens(key)
     )
@@ -117,7 +120,8 @@ async def forward_openai(
     if gate.pool is not pool:
         pool = gate.pool
         # The fallback's workers may tokenize differently: its own key, if it is precise.
-        precise = pool.keyer.key(body, kind == "chat", lora) if pool.keyer is not None else None
+        keyer = pool.keyer
+        precise = await keyer.key_async(body, chat, len(key), lora) if keyer is not None else None
     charge = await state.limiter.admit(
         tenant, prompt_tokens + requested_tokens, state.config.timeouts.total_s
     )

@@ -24,8 +24,8 @@ from router.domain.policy import Policy, PromptKeyer
 from router.routing.consistent_hash import ConsistentHash
 from router.routing.hybrid import HybridCost
 from router.routing.least_load import DecodeLoad, LeastLoad
+from router.routing.offloaded_key import OffloadedKeyer
 from router.routing.precise_index import PreciseIndex
-from router.routing.precise_key import PreciseKeyer
 from router.routing.prefix import PrefixAffinity
 from router.routing.round_robin import RoundRobin
 
@@ -72,7 +72,7 @@ class PoolRoutingFactory:
         )
 
     def keyer(self, config: PreciseConfig) -> PromptKeyer:
-        return PreciseKeyer(config)
+        return OffloadedKeyer(config)
 
     def decode_policy(self) -> Policy:
         return DecodeLoad(self._rng)

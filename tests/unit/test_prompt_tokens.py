@@ -201,3 +201,23 @@ def test_precise_key_of_an_unrenderable_body_is_none() -> None:
     keyer = PreciseKeyer(PreciseConfig(tokenizer="word"))
     assert keyer.key({"messages": "nope"}, chat=True) is None
     assert keyer.key({"prompt": {"a": 1}}, chat=False) is None
+
+
+async def test_long_prompts_are_keyed_in_the_helper_process_as_inline() -> None:
+    from router.routing.offloaded_key import OffloadedKeyer
+
+    config = PreciseConfig(tokenizer="word")
+    keyer = OffloadedKeyer(config, inline_chars=100)
+    try:
+        long_body = {"messages": [{"role": "user", "content": "alpha beta " * 400}]}
+        short_body = {"messages": [{"role": "user", "content": "alpha beta"}]}
+        expected = PreciseKeyer(config).key(long_body, True, ("sql", "/a/sql"))
+        assert await keyer.key_async(short_body, True, 10) == PreciseKeyer(config).key(
+            short_body, True
+        )
+        assert keyer._pool is None  # a short prompt never starts the helper
+        got = await keyer.key_async(long_body, True, 4000, ("sql", "/a/sql"))
+        assert got == expected and got is not None and len(got.block_hashes) == 50
+        assert keyer._pool is not None  # computed by the helper process
+    finally:
+        keyer.close()
