@@ -108,7 +108,7 @@ class Worker:
         """KV capacity in blocks: configured value first, else what the worker reported."""
         return self.kv_capacity_blocks or self.reported.num_gpu_blocks
 
-    def adapter_cost(self, adapter: str) -> AdapterState:
+    def adapter_state(self, adapter: str) -> AdapterState:
         """Where `adapter` stands on this worker: in its batches or queue already (`active`),
         loadable into a free slot (`room`), or behind other adapters holding every slot."""
         load = self.reported

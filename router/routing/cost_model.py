@@ -42,7 +42,7 @@ class CostModel:
     def adapter_s(self, worker: Worker, adapter: str | None) -> float:
         """What a LoRA request waits for its adapter here: nothing where it is in use, a load
         where a slot is free, a load and a free slot where other adapters hold them all."""
-        return 0.0 if adapter is None else self._adapter_s[worker.adapter_cost(adapter)]
+        return 0.0 if adapter is None else self._adapter_s[worker.adapter_state(adapter)]
 
     def queue_s(self, worker: Worker, rate: float) -> float:
         """Prefill work already queued ahead of a new request on this worker."""

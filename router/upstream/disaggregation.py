@@ -49,10 +49,6 @@ REMOTE_DECODE: dict[str, Any] = {
 class ParamsSpent(Exception):
     """A decode worker saw the request and failed: the transfer params may be used up."""
 
-    def __init__(self, worker: Worker) -> None:
-        super().__init__(worker.id)
-        self.worker = worker
-
 
 def prefill_body(body: dict[str, Any]) -> dict[str, Any]:
     """The prefill step's body: one token, not streamed, asking for a remote decode."""

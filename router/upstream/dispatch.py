@@ -103,7 +103,7 @@ class Dispatcher:
                         if not exc.retryable:
                             raise exc.error from None
                         if call.params_single_use and not exc.unseen:
-                            raise ParamsSpent(decision.worker) from None
+                            raise ParamsSpent(decision.worker.id) from None
                         last_error = exc.error
                         tried.add(decision.worker)
                         last_unseen = exc.unseen

@@ -52,7 +52,7 @@ class AdapterLoader:
             if not workers:
                 raise unavailable
             worker = min(
-                workers, key=lambda w: (_SLOT_ORDER[w.adapter_cost(adapter)], w.fleet_in_flight)
+                workers, key=lambda w: (_SLOT_ORDER[w.adapter_state(adapter)], w.fleet_in_flight)
             )
             if not await self._load(worker, adapter, path):
                 self._metrics.lora_loads.labels(pool.name, "failed").inc()

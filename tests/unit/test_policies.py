@@ -257,7 +257,7 @@ def test_hybrid_prefers_a_worker_running_the_adapter_then_one_with_a_free_slot()
     full.reported = ReportedLoad(lora_running=frozenset({"a", "b"}), max_lora=2)
     room.reported = ReportedLoad(lora_running=frozenset({"a"}), max_lora=2)
     active.reported = ReportedLoad(lora_waiting=frozenset({"sql"}), max_lora=2)
-    assert [w.adapter_cost("sql") for w in ws] == ["full", "room", "active"]
+    assert [w.adapter_state("sql") for w in ws] == ["full", "room", "active"]
     policy = hybrid()
     request = req("a cold prompt " * 20)
     request.adapter = "sql"

@@ -80,11 +80,9 @@ class LoraInfoSeries:
         while len(self._series) > _SERIES_KEPT:
             self._series.popitem(last=False)
 
-    def samples(self) -> list[tuple[dict[str, str], float]]:
-        return [
-            ({"max_lora": self._max, "running_lora_adapters": r, "waiting_lora_adapters": w}, t)
-            for (r, w), t in self._series.items()
-        ]
+    def samples(self) -> list[tuple[list[str], float]]:
+        """Label values (max_lora, running, waiting) and value of every series kept."""
+        return [([self._max, r, w], t) for (r, w), t in self._series.items()]
 
 
 SIM_ADAPTERS = web.AppKey("sim_adapters", SimAdapters)

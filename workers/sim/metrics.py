@@ -112,14 +112,7 @@ class _EngineCollector(Collector):
                 labels=("max_lora", "running_lora_adapters", "waiting_lora_adapters"),
             )
             for labels, stamp in self._lora.samples():
-                lora.add_metric(
-                    [
-                        labels["max_lora"],
-                        labels["running_lora_adapters"],
-                        labels["waiting_lora_adapters"],
-                    ],
-                    stamp,
-                )
+                lora.add_metric(labels, stamp)
             yield lora
         cfg = self._config
         if not cfg.export_kv_capacity:
