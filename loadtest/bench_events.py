@@ -70,7 +70,8 @@ class Agents:
             pipe.sadd(KEYS.workers(MODEL), agent)
         await pipe.execute()
 
-    def _entry(self) -> dict[Any, Any]:
+    def _entry(self) -> tuple[str, dict[Any, Any]]:
+        """The next entry and the stream it goes to (its worker's shard)."""
         worker = self._next % len(self._ids)
         self._next += 1
         stored = self._stored[worker]
@@ -80,11 +81,12 @@ class Agents:
             hashes = " ".join(str(self._rng.getrandbits(64)) for _ in range(self._hashes))
             stored.append(hashes)
             op = "stored"
-        return {"worker": self._ids[worker], "op": op, "hashes": hashes, "parent": "", "seq": ""}
+        agent = self._ids[worker]
+        entry = {"worker": agent, "op": op, "hashes": hashes, "parent": "", "seq": ""}
+        return KEYS.kv_stream_of(MODEL, agent), entry
 
     async def publish(self, rate: float, seconds: float) -> int:
         """Write entries at `rate` block events per second for `seconds`; events written."""
-        stream = KEYS.kv_stream(MODEL)
         per_tick = rate * 0.01 / self._hashes
         owed = 0.0
         written = 0
@@ -98,7 +100,8 @@ class Agents:
             if count:
                 pipe = self._redis.pipeline(transaction=False)
                 for _ in range(count):
-                    pipe.xadd(stream, self._entry(), maxlen=KV_STREAM_MAXLEN, approximate=True)
+                    stream, entry = self._entry()
+                    pipe.xadd(stream, entry, maxlen=KV_STREAM_MAXLEN, approximate=True)
                 await pipe.execute()
                 written += count * self._hashes
             tick += 1

@@ -116,6 +116,7 @@ def build_backend(
         return RedisState(
             config.redis_url,
             config.timeout_s,
+            cluster=config.cluster,
             on_up_change=lambda up: metrics.redis_up.set(up),
             supervisor=supervisor,
         )
@@ -216,6 +217,10 @@ async def _start_loops(
             "index_follower", lambda: state.fleet.run_follower(lambda: list(state.registry.pools))
         )
         kv_follower = KVFollower(
-            state.registry, backend.redis_url, Keys(state.config.state.key_prefix), state.metrics
+            state.registry,
+            backend.redis_url,
+            Keys(state.config.state.key_prefix),
+            state.metrics,
+            cluster=state.config.state.cluster,
         )
         supervisor.start("kv_follower", kv_follower.run)

@@ -20,6 +20,11 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("--host", default=None, help="listen host (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help="listen port (default 8080)")
     p.add_argument("--redis", default=None, help="Redis URL to share state between replicas")
+    p.add_argument(
+        "--redis-cluster",
+        action="store_true",
+        help="--redis names one node of a Redis Cluster (state.cluster: true)",
+    )
     p.add_argument("--api-key-hash", default=None, help="SHA-256 hex of the one accepted key")
 
 
@@ -57,6 +62,8 @@ def _config_from_serve_args(args: argparse.Namespace) -> GatewayConfig:
         return config.model_copy(update={"listen": listen})
     if not args.model or not args.worker:
         raise SystemExit("serve needs --config FILE, or --model NAME and at least one --worker URL")
+    if args.redis_cluster and not args.redis:
+        raise SystemExit("--redis-cluster names the kind of the --redis URL: give both")
     return quick_config(
         args.model,
         args.worker,
@@ -64,6 +71,7 @@ def _config_from_serve_args(args: argparse.Namespace) -> GatewayConfig:
         host=args.host or "127.0.0.1",
         port=args.port if args.port is not None else 8080,
         redis_url=args.redis,
+        redis_cluster=args.redis_cluster,
         api_key_hash=args.api_key_hash,
     )
 

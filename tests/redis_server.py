@@ -36,8 +36,12 @@ def _pong(port: int) -> bool:
 class RedisServer:
     """One redis-server process on 127.0.0.1; ``url`` stays valid across stop/start."""
 
-    def __init__(self, executable: str, port: int | None = None) -> None:
+    def __init__(
+        self, executable: str, port: int | None = None, extra_args: tuple[str, ...] = ()
+    ) -> None:
         self.executable = executable
+        self.extra_args = extra_args
+        """More redis-server options (a cluster node's, for one)."""
         self.port = port or free_port()
         self._dir = tempfile.TemporaryDirectory(prefix="redis-test-")
         self._process: subprocess.Popen[bytes] | None = None
@@ -62,6 +66,7 @@ class RedisServer:
                 "--appendonly", "no",
                 "--dir", self._dir.name,
                 "--daemonize", "no",
+                *self.extra_args,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -101,6 +106,13 @@ class RedisServer:
             if loop.time() > deadline:
                 raise RuntimeError(f"redis-server did not answer on port {self.port}")
             await asyncio.sleep(0.02)
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash or an OOM kill would (nothing is flushed, no goodbye)."""
+        process, self._process = self._process, None
+        if process is not None and process.poll() is None:
+            process.kill()
+            process.wait()
 
     def stop(self) -> None:
         """Terminate the server (its data is gone: nothing is persisted)."""

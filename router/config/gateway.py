@@ -254,6 +254,11 @@ class AuthConfig(Strict):
 class StateConfig(Strict):
     backend: Literal["memory", "redis"] = "memory"
     redis_url: str | None = None
+    cluster: bool = Field(
+        False,
+        description="redis_url names a Redis Cluster (any one node's URL seeds it); keys are "
+        "laid out by hash slot (router/state/keys.py)",
+    )
     timeout_s: float = Field(
         0.05, gt=0, description="per Redis call; a slow Redis adds at most this"
     )

@@ -51,12 +51,13 @@ def quick_config(
     host: str = "127.0.0.1",
     port: int = 8080,
     redis_url: str | None = None,
+    redis_cluster: bool = False,
     api_key_hash: str | None = None,
 ) -> GatewayConfig:
     """The one-pool config `prefix-router serve --model --worker` builds (DESIGN.md §10.2)."""
     state: dict[str, Any] = {"backend": "memory"}
     if redis_url:
-        state = {"backend": "redis", "redis_url": redis_url}
+        state = {"backend": "redis", "redis_url": redis_url, "cluster": redis_cluster}
     auth: dict[str, Any] = {"enabled": False}
     if api_key_hash:
         key = {"tenant": "default", "sha256": api_key_hash.lower(), "admin": True}

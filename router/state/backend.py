@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-from redis import asyncio as aioredis
+from router.state.redis_client import RedisClient
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +75,11 @@ class FleetBackend(Protocol):
         ...
 
     @property
-    def client(self) -> aioredis.Redis | None:
+    def cluster(self) -> bool:
+        """Whether `redis_url` names a Redis Cluster."""
+        ...
+
+    @property
+    def client(self) -> RedisClient | None:
         """The live connection, None while Redis is away."""
         ...

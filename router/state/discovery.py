@@ -17,7 +17,7 @@ import logging
 import math
 import time
 
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import ResponseError
 
 from router.config import parse_endpoint
 from router.domain.registry import Registry
@@ -25,6 +25,7 @@ from router.domain.worker import ReportedLoad, Worker
 from router.logs import LogOnce
 from router.state.backend import FleetBackend
 from router.state.keys import Keys
+from router.state.redis_client import REDIS_FAILURES
 
 log = logging.getLogger("prefix_router.discovery")
 
@@ -121,7 +122,7 @@ class Discovery:
                         )
                         continue
                     self._apply(pool_name, records)
-        except (RedisError, OSError, TimeoutError) as exc:
+        except REDIS_FAILURES as exc:
             log.debug("discovery skipped a round: %s", exc)
 
     async def _read_pool(self, pool_name: str) -> dict[str, tuple[Record, Record | None]]:

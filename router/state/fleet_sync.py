@@ -1,11 +1,11 @@
 """What replicas share about routing: session stickiness and approximate index inserts.
 
-Sessions: before routing, the session's worker is read from the shared state (so a turn that
-lands on another replica follows the previous one); after routing, the choice is written back
-in the background. Index inserts: each replica appends what it recorded for a worker to the
-pool's `{p}idx:{model}` stream (batched, bounded length) and follows the other replicas'
-entries into its own index. With the memory backend this all stays local, and while Redis is
-down each replica routes on what it knows, then follows again from the stream's tail. A
+Sessions: before routing, the session's worker is read from the shared state (so a turn that lands
+on another replica follows the previous one); after routing, the choice is written back in the
+background. Index inserts: each replica appends what it recorded for a worker to the worker's shard
+of the pool's index streams (`{p}idx:{<model>:<shard>}`, batched, bounded length) and follows the
+other replicas' entries into its own index. With the memory backend this all stays local, and while
+Redis is down each replica routes on what it knows, then follows again from the stream's tail. A
 malformed entry is skipped (logged once per cause), never the end of the follower.
 """
 
@@ -17,12 +17,11 @@ import logging
 import uuid
 from collections.abc import Callable
 
-from redis.exceptions import RedisError
-
 from router.domain.policy import SharesInserts
 from router.logs import LogOnce
 from router.state.backend import StateBackend
 from router.state.keys import IDX_STREAM_MAXLEN, SESSION_TTL_S, Keys
+from router.state.redis_client import REDIS_FAILURES
 from router.state.redis_state import RedisState, stop_if_cancelled
 from router.state.stream_reader import StreamReader
 
@@ -102,19 +101,18 @@ class FleetSync:
                     "keys": " ".join(map(str, block_keys)),
                 }
                 pipe.xadd(
-                    self._keys.index_stream(pool),
+                    self._keys.index_stream_of(pool, worker_id),
                     entry,  # type: ignore[arg-type]
                     maxlen=IDX_STREAM_MAXLEN,
                     approximate=True,
                 )
-            with contextlib.suppress(RedisError, OSError, TimeoutError):
+            with contextlib.suppress(*REDIS_FAILURES):
                 async with asyncio.timeout(1.0):
                     await pipe.execute()
 
     async def run_follower(self, pools: Callable[[], list[str]]) -> None:
         """Apply other replicas' inserts to the local index."""
         reader = StreamReader()
-        prefix_len = len(self._keys.index_stream(""))
         while True:
             client = self._backend.client if isinstance(self._backend, RedisState) else None
             if client is None:
@@ -122,15 +120,15 @@ class FleetSync:
                 await asyncio.sleep(0.5)
                 continue
             try:
-                wanted = {self._keys.index_stream(pool) for pool in pools()}
-                for stream in [s for s in reader.positions if s not in wanted]:
+                pool_of = {
+                    stream: pool for pool in pools() for stream in self._keys.index_streams(pool)
+                }
+                for stream in [s for s in reader.positions if s not in pool_of]:
                     reader.forget(stream)
-                for stream in wanted:
-                    if stream not in reader:
-                        # From the tail: older entries predate this replica's view.
-                        await reader.join_at_tail(client, stream)
+                # From the tail: older entries predate this replica's view.
+                await reader.join_at_tail(client, [s for s in pool_of if s not in reader])
                 batches = await reader.read(client)
-            except (RedisError, OSError, TimeoutError) as exc:
+            except REDIS_FAILURES as exc:
                 stop_if_cancelled()
                 log.debug("index follower paused: %s", exc)
                 await asyncio.sleep(0.5)
@@ -139,7 +137,7 @@ class FleetSync:
             if not batches:
                 await asyncio.sleep(_POLL_S)
             for stream, entries in batches:
-                pool = stream[prefix_len:]
+                pool = pool_of[stream]
                 for _entry_id, fields in entries:
                     self._apply(pool, fields)
 

@@ -1,19 +1,19 @@
 """Follows the workers' KV events in Redis into each precise pool's index.
 
-Agents mirror each worker's block set into Redis (`state.keys`: the `{p}kv:{model}` stream and
-the `{p}kvsnap:{id}` sets). For every pool in precise mode the follower builds its view the way
-keys.py prescribes: read the stream's last id first, then every registered worker's snapshot,
-then read the stream from that id (`stream_reader`) and apply each entry (stored, removed,
-cleared) to the pool's `PreciseIndex`. Entries name the agent's worker id; the gateway's worker
-is the discovered worker of that id, or the YAML worker the agent was matched to by URL
-(`Worker.agent_id`). A worker that joins the pool later (discovered, or its agent found) gets
-its snapshot loaded then, so entries skipped while nobody could map them are not lost. The
-follower rebuilds a pool's view when the pool's index is replaced (config reload), when it fell
-behind the stream's trimming, and after Redis failed: while Redis is down the index keeps the
-last view (and the gateway keeps routing on it), and when Redis answers again every view is
-rebuilt from the snapshots. A malformed entry is skipped (logged once per cause), never the end
-of the follower. It has its own connection, with timeouts long enough for a large snapshot (the
-request path's are short).
+Agents mirror each worker's block set into Redis (`state.keys`: the pool's sharded KV streams and
+each worker's snapshot set). For every pool in precise mode the follower builds its view the way
+keys.py prescribes: read each stream's last id first, then every registered worker's snapshot, then
+read the streams from those ids (`stream_reader`) and apply each entry (stored, removed, cleared) to
+the pool's `PreciseIndex`. Entries name the agent's worker id; the gateway's worker is the
+discovered worker of that id, or the YAML worker the agent was matched to by URL
+(`Worker.agent_id`). A worker that joins the pool later (discovered, or its agent found) gets its
+snapshot loaded then, so entries skipped while nobody could map them are not lost. The follower
+rebuilds a pool's view when the pool's index is replaced (config reload), when it fell behind the
+stream's trimming, and after Redis failed: while Redis is down the index keeps the last view (and
+the gateway keeps routing on it), and when Redis answers again every view is rebuilt from the
+snapshots. A malformed entry is skipped (logged once per cause), never the end of the follower. It
+has its own connection, with timeouts long enough for a large snapshot (the request path's are
+short).
 """
 
 from __future__ import annotations
@@ -24,11 +24,6 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
-
-import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
 
 from router.domain.pool import Pool
 from router.domain.registry import Registry
@@ -42,6 +37,7 @@ from router.routing.precise_index import (
     PreciseIndex,
 )
 from router.state.keys import Keys
+from router.state.redis_client import REDIS_FAILURES, RedisClient, connect
 from router.state.redis_state import stop_if_cancelled
 from router.state.stream_reader import StreamReader
 
@@ -85,29 +81,27 @@ class KVFollower:
         keys: Keys,
         metrics: GatewayMetrics | None = None,
         timeout_s: float = 1.0,
+        cluster: bool = False,
     ) -> None:
         self._registry = registry
         self._metrics = metrics
         self._url = redis_url
         self._keys = keys
         self._timeout_s = timeout_s
+        self._cluster = cluster
         self._views: dict[str, _View] = {}
         self._reader = StreamReader(_COUNT)
         self._bad_entries = LogOnce(log)
 
     async def run(self) -> None:
-        client = aioredis.Redis.from_url(
-            self._url,
-            socket_timeout=self._timeout_s,
-            socket_connect_timeout=self._timeout_s,
-            retry=Retry(NoBackoff(), 0),  # no hidden retries: the loop retries, and logs it
-        )
+        # No hidden retries (`connect`): the loop retries, and logs it.
+        client = connect(self._url, cluster=self._cluster, timeout_s=self._timeout_s)
         down = False
         try:
             while True:
                 try:
                     busy = await self._step(client)
-                except (RedisError, OSError, TimeoutError) as exc:
+                except REDIS_FAILURES as exc:
                     stop_if_cancelled()
                     if not down:
                         log.warning("KV events unavailable (%s): routing on the last view", exc)
@@ -126,7 +120,7 @@ class KVFollower:
             try:
                 async with asyncio.timeout(1.0):
                     await client.aclose()
-            except (RedisError, OSError, TimeoutError):
+            except REDIS_FAILURES:
                 pass
 
     def _precise_pools(self) -> dict[str, tuple[Pool, PreciseIndex]]:
@@ -146,13 +140,14 @@ class KVFollower:
                 mapping[w.agent_id] = w.id
         return mapping
 
-    async def _step(self, client: aioredis.Redis) -> bool:
+    async def _step(self, client: RedisClient) -> bool:
         """One round: (re)build views as needed, then read and apply one batch of entries;
         whether it found any."""
         pools = self._precise_pools()
         for name in [n for n in self._views if n not in pools]:
             del self._views[name]
-            self._reader.forget(self._keys.kv_stream(name))
+            for stream in self._keys.kv_streams(name):
+                self._reader.forget(stream)
         if not pools:
             return False  # nothing to follow (until a reload adds a precise pool)
         for name, (pool, index) in pools.items():
@@ -160,11 +155,11 @@ class KVFollower:
             if view is None or view.index is not index:
                 await self._resync(client, name, pool, index)
             else:
-                await self._load_new_workers(client, pool, view)
+                await self._load_new_workers(client, name, pool, view)
         batches = await self._reader.read(client)
-        prefix_len = len(self._keys.kv_stream(""))
+        pool_of = {stream: name for name in pools for stream in self._keys.kv_streams(name)}
         for stream, entries in batches:
-            name = stream[prefix_len:]
+            name = pool_of.get(stream, "")
             view = self._views.get(name)
             if view is None or name not in pools:
                 continue
@@ -210,36 +205,39 @@ class KVFollower:
                 lag.observe(max(0.0, now_ms - int(millis)) / 1000)
 
     async def _resync(
-        self, client: aioredis.Redis, name: str, pool: Pool, index: PreciseIndex
+        self, client: RedisClient, name: str, pool: Pool, index: PreciseIndex
     ) -> None:
-        stream = self._keys.kv_stream(name)
-        # The stream's position first, then the snapshots: entries after it that a snapshot
+        # The streams' positions first, then the snapshots: entries after them that a snapshot
         # already reflects are set operations, so replaying them changes nothing.
-        last_id = await self._reader.tail_id(client, stream)
+        last_ids = await self._reader.tail_ids(client, self._keys.kv_streams(name))
         mapping = self._mapping(pool)
-        snapshots = await self._snapshots(client, list(mapping))
+        snapshots = await self._snapshots(client, name, list(mapping))
         index.reset_confirmed()
         for agent, hashes in snapshots.items():
             index.load_snapshot(mapping[agent], hashes)
         self._views[name] = _View(index, set(mapping.values()))
-        self._reader.positions[stream] = last_id
+        self._reader.positions.update(last_ids)
 
-    async def _load_new_workers(self, client: aioredis.Redis, pool: Pool, view: _View) -> None:
+    async def _load_new_workers(
+        self, client: RedisClient, name: str, pool: Pool, view: _View
+    ) -> None:
         mapping = self._mapping(pool)
         new = {agent: wid for agent, wid in mapping.items() if wid not in view.workers}
         view.workers &= set(mapping.values())  # a worker that left and returns is new again
         if not new:
             return
-        snapshots = await self._snapshots(client, list(new))
+        snapshots = await self._snapshots(client, name, list(new))
         for agent, hashes in snapshots.items():
             view.index.load_snapshot(new[agent], hashes)
         view.workers.update(new.values())
 
-    async def _snapshots(self, client: aioredis.Redis, agents: list[str]) -> dict[str, list[int]]:
+    async def _snapshots(
+        self, client: RedisClient, pool: str, agents: list[str]
+    ) -> dict[str, list[int]]:
         if not agents:
             return {}
         pipe = client.pipeline(transaction=False)
         for agent in agents:
-            pipe.smembers(self._keys.kv_snapshot(agent))
+            pipe.smembers(self._keys.kv_snapshot(pool, agent))
         replies = await pipe.execute()
         return {agent: _ints(list(members)) for agent, members in zip(agents, replies, strict=True)}

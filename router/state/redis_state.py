@@ -17,13 +17,9 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
-
 from router.state.backend import BucketResult
 from router.state.memory import MemoryState
+from router.state.redis_client import REDIS_FAILURES, RedisClient, connect
 from router.supervisor import Supervisor
 
 log = logging.getLogger("prefix_router.state")
@@ -76,15 +72,18 @@ class RedisState:
         self,
         url: str,
         timeout_s: float,
+        *,
+        cluster: bool = False,
         on_up_change: Callable[[bool], None] | None = None,
         supervisor: Supervisor | None = None,
     ) -> None:
         self._url = url
         self._timeout_s = timeout_s
+        self._cluster = cluster
         self._local = MemoryState()
         self._on_up_change = on_up_change
         self._supervisor = supervisor
-        self._client: aioredis.Redis | None = None
+        self._client: RedisClient | None = None
         self._up = False
         self._probe: asyncio.Task[None] | None = None
         self._take: Any = None
@@ -104,17 +103,16 @@ class RedisState:
         return self._url
 
     @property
-    def client(self) -> aioredis.Redis | None:
+    def cluster(self) -> bool:
+        return self._cluster
+
+    @property
+    def client(self) -> RedisClient | None:
         return self._client if self._up else None
 
     async def start(self) -> None:
-        self._client = aioredis.Redis.from_url(
-            self._url,
-            socket_timeout=self._timeout_s,
-            socket_connect_timeout=self._timeout_s,
-            retry_on_timeout=False,
-            retry=Retry(NoBackoff(), 0),  # no hidden retries: a failed call falls back at once
-        )
+        # No hidden retries (`connect`): a failed call falls back at once.
+        self._client = connect(self._url, cluster=self._cluster, timeout_s=self._timeout_s)
         self._take = self._client.register_script(_TAKE)
         self._acquire = self._client.register_script(_ACQUIRE)
         await self._check()
@@ -131,7 +129,7 @@ class RedisState:
                 await self._probe
         if self._client is not None:
             # Closing must not wait on a Redis that went away (the gateway is shutting down).
-            with contextlib.suppress(RedisError, OSError, TimeoutError):
+            with contextlib.suppress(*REDIS_FAILURES):
                 async with asyncio.timeout(1.0):
                     await self._client.aclose()
 
@@ -140,7 +138,7 @@ class RedisState:
         try:
             async with asyncio.timeout(self._timeout_s * 4):
                 await self._client.ping()
-        except (RedisError, OSError, TimeoutError) as exc:
+        except REDIS_FAILURES as exc:
             self._set_up(False, exc)
         else:
             self._set_up(True, None)
@@ -185,7 +183,7 @@ class RedisState:
         try:
             async with asyncio.timeout(self._timeout_s):
                 return await make()
-        except (RedisError, OSError, TimeoutError) as exc:
+        except REDIS_FAILURES as exc:
             self._set_up(False, exc)
             return None
 

@@ -1,4 +1,5 @@
-"""Follow a changing set of Redis streams from where each was left: one XREAD for all of them.
+"""Follow a changing set of Redis streams from where each was left: one XREAD for all of them
+(on Redis Cluster, one per hash slot, sent together in one pipeline).
 
 Both stream followers (other replicas' index inserts, agents' KV events) read through this. It
 polls with non-blocking XREADs rather than blocking in one: a blocking read outlives the
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import redis.asyncio as aioredis
+from router.state.redis_client import RedisClient, slot_groups
 
 Entry = tuple[str, Any]
 """An entry id and its fields (bytes keys and values)."""
@@ -38,13 +39,20 @@ class StreamReader:
         return stream in self.positions
 
     @staticmethod
-    async def tail_id(client: aioredis.Redis, stream: str) -> str:
-        """The id of the stream's newest entry ("0-0" for an empty or absent stream)."""
-        newest: Any = await client.xrevrange(stream, count=1)
-        return _text(newest[0][0]) if newest else "0-0"
+    async def tail_ids(client: RedisClient, streams: list[str]) -> dict[str, str]:
+        """The id of each stream's newest entry ("0-0" for an empty or absent stream), in one
+        round trip."""
+        pipe = client.pipeline(transaction=False)
+        for stream in streams:
+            pipe.xrevrange(stream, count=1)
+        replies: Any = await pipe.execute() if streams else []
+        return {
+            stream: _text(newest[0][0]) if newest else "0-0"
+            for stream, newest in zip(streams, replies, strict=True)
+        }
 
-    async def join_at_tail(self, client: aioredis.Redis, stream: str) -> None:
-        self.positions[stream] = await self.tail_id(client, stream)
+    async def join_at_tail(self, client: RedisClient, streams: list[str]) -> None:
+        self.positions.update(await self.tail_ids(client, streams))
 
     def forget(self, stream: str) -> None:
         self.positions.pop(stream, None)
@@ -53,11 +61,18 @@ class StreamReader:
         """Forget every position (after an outage, streams are joined again)."""
         self.positions.clear()
 
-    async def read(self, client: aioredis.Redis) -> list[tuple[str, list[Entry]]]:
+    async def read(self, client: RedisClient) -> list[tuple[str, list[Entry]]]:
         """The next entries of every followed stream, each stream's position moved past them."""
         if not self.positions:
             return []
-        replies: Any = await client.xread(self.positions, count=self.count)  # type: ignore[arg-type]
+        groups = slot_groups(list(self.positions), client)
+        if len(groups) == 1:
+            replies: Any = await client.xread(self._streams(groups[0]), count=self.count)
+        else:
+            pipe = client.pipeline(transaction=False)
+            for group in groups:
+                pipe.xread(self._streams(group), count=self.count)
+            replies = [reply for found in await pipe.execute() for reply in found or []]
         batches = []
         for stream, entries in replies or []:
             name = _text(stream)
@@ -67,7 +82,10 @@ class StreamReader:
                 batches.append((name, decoded))
         return batches
 
-    async def trimmed_past(self, client: aioredis.Redis, stream: str) -> bool:
+    def _streams(self, group: list[str]) -> Any:
+        return {stream: self.positions[stream] for stream in group}
+
+    async def trimmed_past(self, client: RedisClient, stream: str) -> bool:
         """Whether the stream's oldest entry is newer than this reader's position: entries
         were trimmed before they were read, so the follower must rebuild its view."""
         first: Any = await client.xrange(stream, count=1)

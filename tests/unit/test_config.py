@@ -61,7 +61,19 @@ def test_quick_config_matches_design() -> None:
     assert [w.url for w in config.pools["m"].workers] == ["http://a:1", "http://b:2"]
     assert config.pools["m"].policy.name == "round_robin"
     redis = quick_config("m", ["http://a:1"], redis_url="redis://r:6379/0")
-    assert redis.state.backend == "redis"
+    assert redis.state.backend == "redis" and redis.state.cluster is False
+
+
+def test_serve_redis_cluster_flag_names_the_kind_of_redis() -> None:
+    from router.cli import _config_from_serve_args, build_parser
+
+    parser = build_parser()
+    quick = ["serve", "--model", "m", "--worker", "http://a:1"]
+    args = parser.parse_args([*quick, "--redis", "redis://node:7000/0", "--redis-cluster"])
+    config = _config_from_serve_args(args)
+    assert config.state.backend == "redis" and config.state.cluster is True
+    with pytest.raises(SystemExit, match="--redis-cluster"):
+        _config_from_serve_args(parser.parse_args([*quick, "--redis-cluster"]))
 
 
 ROUTING_YAMLS = sorted(

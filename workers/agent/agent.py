@@ -18,11 +18,9 @@ import signal
 from contextlib import suppress
 
 import aiohttp
-from redis.asyncio import Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 
 from router.domain.worker import ReportedLoad
+from router.state.redis_client import RedisClient, connect
 from router.upstream.load_scrape import parse_vllm_metrics
 from workers.agent.config import AgentConfig
 from workers.agent.publisher import RedisFleetWriter
@@ -48,7 +46,7 @@ class WorkerAgent:
         self.writer: RedisFleetWriter | None = None  # once the model is known
         self.last_load: ReportedLoad | None = None
         self._session: aiohttp.ClientSession | None = None
-        self._redis: Redis | None = None
+        self._redis: RedisClient | None = None
         self._main: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -57,11 +55,10 @@ class WorkerAgent:
             timeout=aiohttp.ClientTimeout(total=cfg.http_timeout_s)
         )
         # No client-side retries: the writer has its own backoff and must learn of outages fast.
-        self._redis = Redis.from_url(
+        self._redis = connect(
             cfg.redis_url,
-            socket_timeout=cfg.redis_timeout_s,
-            socket_connect_timeout=cfg.redis_timeout_s,
-            retry=Retry(NoBackoff(), 0),
+            cluster=cfg.redis_cluster,
+            timeout_s=cfg.redis_timeout_s,
             decode_responses=True,
         )
         # Subscribe before anything else so ZMQ queues batches while the model is looked up.

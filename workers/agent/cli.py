@@ -26,6 +26,9 @@ def add_agent_parser(commands: Any) -> None:
     agent.add_argument("--replay", default=None, help="the worker's KV events replay endpoint")
     agent.add_argument("--topic", default="", help="KV events topic (vLLM's kv events topic)")
     agent.add_argument("--redis", required=True, help="redis://host:port/db")
+    agent.add_argument(
+        "--redis-cluster", action="store_true", help="--redis names one node of a Redis Cluster"
+    )
     agent.add_argument("--worker-id", required=True)
     agent.add_argument("--model", default=None, help="served model; from /v1/models if omitted")
     agent.add_argument("--advertise-url", default=None, help="URL gateways use (default vllm-url)")
@@ -42,6 +45,7 @@ def run_agent_command(args: argparse.Namespace) -> int:
             replay_endpoint=args.replay,
             topic=args.topic,
             redis_url=args.redis,
+            redis_cluster=args.redis_cluster,
             worker_id=args.worker_id,
             model=args.model,
             advertise_url=args.advertise_url,

@@ -25,6 +25,9 @@ class AgentConfig(BaseModel):
     replay_endpoint: str | None = Field(default=None, description="the worker's ROUTER endpoint")
     topic: str = Field(default="", description="subscription prefix (vLLM's kv events topic)")
     redis_url: str = Field(min_length=1)
+    redis_cluster: bool = Field(
+        default=False, description="redis_url names a Redis Cluster (any one node seeds it)"
+    )
     worker_id: str = Field(min_length=1, pattern=r"^[^\s:]+$")
     model: str | None = Field(default=None, description="taken from /v1/models when None")
     advertise_url: str | None = Field(

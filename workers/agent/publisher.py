@@ -1,11 +1,13 @@
 """Writes one worker's registration, load and KV block set to Redis, surviving Redis outages.
 
 The agent's own copy of the worker's block set (``view``) is the truth; Redis mirrors it with the
-keys of ``router.state.keys``: each batch becomes one MULTI/EXEC that updates ``{p}kvsnap:{id}``
-and appends the matching ``{p}kv:{model}`` entries, so the snapshot and the stream never
-disagree. Redis errors never escape: the first one marks Redis down (logged once per outage),
-writes are skipped while it is down, and a recovery task retries with backoff; when Redis answers
-it re-registers the worker and rewrites the whole snapshot (a ``cleared`` entry, then ``stored``
+keys of ``router.state.keys``: each batch becomes one MULTI/EXEC that updates the worker's snapshot
+set and appends the matching entries to its shard of the pool's KV streams (both keys share a hash
+tag, so this holds on Redis Cluster too), so the snapshot and the stream never disagree.
+Registration and load go in a plain pipeline: their keys live in other slots, and each carries its
+own TTL. Redis errors never escape: the first one marks Redis down (logged once per outage), writes
+are skipped while it is down, and a recovery task retries with backoff; when Redis answers it
+re-registers the worker and rewrites the whole snapshot (a ``cleared`` entry, then ``stored``
 chunks). Every write is a sequence of set assignments, so writing a batch the rewritten snapshot
 already contains changes nothing; that is what makes the hand-over race-free.
 """
@@ -20,13 +22,12 @@ from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any
 
-from redis.asyncio import Redis
-from redis.asyncio.client import Pipeline
-from redis.exceptions import RedisError
 from redis.typing import EncodableT, FieldT
 
 from router.domain.worker import ReportedLoad
 from router.state.keys import KV_SNAPSHOT_TTL_FACTOR, SNAPSHOT_CHUNK, Keys
+from router.state.redis_client import REDIS_FAILURES, RedisClient
+from router.state.redis_client import AnyPipeline as Pipeline
 from router.vllm_wire.kv_events import (
     MEDIUM_GPU,
     AllBlocksCleared,
@@ -37,7 +38,6 @@ from workers.agent.config import AgentConfig
 
 log = logging.getLogger("prefix_worker.agent.redis")
 
-REDIS_ERRORS = (RedisError, OSError)  # OSError covers refused connections and timeouts
 _RETRY_FIRST_S = 0.1
 
 
@@ -55,7 +55,7 @@ def _joined(hashes: Iterable[int]) -> str:
 class RedisFleetWriter:
     """Mirrors one worker into Redis; every public coroutine returns without raising on Redis."""
 
-    def __init__(self, redis: Redis, config: AgentConfig, model: str) -> None:
+    def __init__(self, redis: RedisClient, config: AgentConfig, model: str) -> None:
         self._redis = redis
         self._config = config
         self._keys = Keys(config.key_prefix)
@@ -80,7 +80,7 @@ class RedisFleetWriter:
 
     async def register(self) -> None:
         """Write the registration before the worker's load is known (the start's resync clears)."""
-        await self._write(self._fill_heartbeat)
+        await self._write(self._fill_heartbeat, atomic=False)
 
     async def heartbeat(self, load: ReportedLoad) -> None:
         """Refresh the registration's TTL and publish the worker's latest load."""
@@ -89,7 +89,7 @@ class RedisFleetWriter:
             self._registration["block_size"] = str(load.block_size)
         if load.num_gpu_blocks is not None:
             self._registration["num_gpu_blocks"] = str(load.num_gpu_blocks)
-        await self._write(self._fill_heartbeat)
+        await self._write(self._fill_heartbeat, atomic=False)
 
     async def apply(self, seq: int, batch: KVEventBatch) -> None:
         ops = self._update_view(batch)
@@ -107,11 +107,12 @@ class RedisFleetWriter:
 
         def fill(pipe: Pipeline) -> None:
             pipe.srem(keys.workers(self.model), worker_id)
-            pipe.delete(keys.worker(worker_id), keys.load(worker_id))
+            pipe.delete(keys.worker(worker_id))  # one key per DEL: they live in other slots
+            pipe.delete(keys.load(worker_id))
             self._fill_ops(pipe, [_Op("cleared", [])], "")
-            pipe.delete(keys.kv_snapshot(worker_id))
+            pipe.delete(keys.kv_snapshot(self.model, worker_id))
 
-        await self._write(fill)
+        await self._write(fill, atomic=False)
 
     async def close(self) -> None:
         if self._recovery is not None:
@@ -155,14 +156,14 @@ class RedisFleetWriter:
 
     def _xadd(self, pipe: Pipeline, entry: Any) -> None:
         pipe.xadd(
-            self._keys.kv_stream(self.model),
+            self._keys.kv_stream_of(self.model, self._config.worker_id),
             entry,
             maxlen=self._config.kv_stream_maxlen,
             approximate=True,
         )
 
     def _fill_ops(self, pipe: Pipeline, ops: list[_Op], seq: str) -> None:
-        snap = self._keys.kv_snapshot(self._config.worker_id)
+        snap = self._keys.kv_snapshot(self.model, self._config.worker_id)
         for op in ops:
             if op.op == "stored":
                 pipe.sadd(snap, *op.hashes)
@@ -179,7 +180,8 @@ class RedisFleetWriter:
         pipe.hset(worker, mapping=self._registration)
         pipe.expire(worker, cfg.heartbeat_ttl_s)
         pipe.sadd(keys.workers(self.model), cfg.worker_id)
-        pipe.expire(keys.kv_snapshot(cfg.worker_id), cfg.heartbeat_ttl_s * KV_SNAPSHOT_TTL_FACTOR)
+        snapshot_ttl_s = cfg.heartbeat_ttl_s * KV_SNAPSHOT_TTL_FACTOR
+        pipe.expire(keys.kv_snapshot(self.model, cfg.worker_id), snapshot_ttl_s)
         load = self._load
         if load is not None:
             load_key = keys.load(cfg.worker_id)
@@ -199,10 +201,9 @@ class RedisFleetWriter:
             )
             pipe.expire(load_key, cfg.heartbeat_ttl_s)
 
-    def _fill_full(self, pipe: Pipeline, snapshot: list[int]) -> None:
-        """Registration, load and the whole snapshot, also as stream entries for followers."""
-        self._fill_heartbeat(pipe)
-        snap = self._keys.kv_snapshot(self._config.worker_id)
+    def _fill_snapshot(self, pipe: Pipeline, snapshot: list[int]) -> None:
+        """The whole snapshot, also as stream entries for followers."""
+        snap = self._keys.kv_snapshot(self.model, self._config.worker_id)
         pipe.delete(snap)
         self._xadd(pipe, self._entry("cleared", (), None, ""))
         for start in range(0, len(snapshot), SNAPSHOT_CHUNK):
@@ -213,7 +214,8 @@ class RedisFleetWriter:
 
     # -- outage handling ---------------------------------------------------------------------
 
-    async def _write(self, fill: Callable[[Pipeline], None]) -> None:
+    async def _write(self, fill: Callable[[Pipeline], None], *, atomic: bool = True) -> None:
+        """One pipeline of writes; `atomic` makes it a MULTI/EXEC (keys of one hash slot)."""
         # Checked after the caller changed the view: if Redis is down here, the recovery's
         # snapshot (taken later) includes the change.
         if not self._up:
@@ -222,10 +224,10 @@ class RedisFleetWriter:
             if not self._up:
                 return
             try:
-                pipe = self._redis.pipeline(transaction=True)
+                pipe = self._redis.pipeline(transaction=atomic)
                 fill(pipe)
                 await pipe.execute()
-            except REDIS_ERRORS as exc:
+            except REDIS_FAILURES as exc:
                 self._went_down(exc)
 
     def _went_down(self, exc: BaseException) -> None:
@@ -244,17 +246,20 @@ class RedisFleetWriter:
             async with self._lock:
                 try:
                     await self._redis.ping()
-                except REDIS_ERRORS:
+                except REDIS_FAILURES:
                     continue
                 # Copy and flip together (no await between): a view change after this point
                 # queues behind the lock and is written after the snapshot.
                 snapshot = sorted(self.view)
                 self._up = True
                 try:
+                    heartbeat = self._redis.pipeline(transaction=False)
+                    self._fill_heartbeat(heartbeat)
+                    await heartbeat.execute()
                     pipe = self._redis.pipeline(transaction=True)
-                    self._fill_full(pipe, snapshot)
+                    self._fill_snapshot(pipe, snapshot)
                     await pipe.execute()
-                except REDIS_ERRORS:
+                except REDIS_FAILURES:
                     self._up = False
                     continue
             log.info("Redis is back: re-registered, rewrote %d cached blocks", len(snapshot))
