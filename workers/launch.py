@@ -50,6 +50,7 @@ class LaunchOptions(BaseModel):
     port: int = Field(default=8000, ge=1, le=65535)
     model: str | None = Field(default=None, description="vllm serve's positional model")
     agent_redis: str | None = Field(default=None, description="start the agent, publishing here")
+    agent_redis_cluster: bool = Field(default=False, description="agent_redis is a Redis Cluster")
     agent_worker_id: str | None = Field(default=None, description="default: <hostname>-<port>")
     kv_events_port: int = Field(default=5557, ge=1, le=65535)
     replay_port: int = Field(default=5558, ge=1, le=65535)
@@ -274,6 +275,8 @@ def render_agent_command(options: LaunchOptions, user_args: Sequence[str]) -> li
         "--worker-id",
         options.agent_worker_id or f"{socket.gethostname()}-{port}",
     ]
+    if options.agent_redis_cluster:
+        argv.append("--redis-cluster")
     if events.get("replay_endpoint"):
         argv += ["--replay", _local_endpoint(str(events["replay_endpoint"]))]
     if events.get("topic"):
@@ -304,6 +307,9 @@ def add_vllm_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser
     cmd.add_argument("--port", type=int, default=8000)
     cmd.add_argument("--model", default=None, help="model to serve (or first after --)")
     cmd.add_argument("--agent-redis", default=None, help="start the agent, publishing here")
+    cmd.add_argument(
+        "--agent-redis-cluster", action="store_true", help="--agent-redis is a Redis Cluster node"
+    )
     cmd.add_argument("--agent-worker-id", default=None)
     cmd.add_argument("--kv-events-port", type=int, default=5557)
     cmd.add_argument("--replay-port", type=int, default=5558)
@@ -329,6 +335,7 @@ def run_vllm_command(args: argparse.Namespace, user_args: Sequence[str]) -> int:
             port=args.port,
             model=args.model,
             agent_redis=args.agent_redis,
+            agent_redis_cluster=args.agent_redis_cluster,
             agent_worker_id=args.agent_worker_id,
             kv_events_port=args.kv_events_port,
             replay_port=args.replay_port,

@@ -130,6 +130,29 @@ def test_configmap_points_at_the_in_cluster_redis_and_vllm_pods() -> None:
     assert model in config.pools
 
 
+def test_redis_cluster_overlay_changes_only_where_state_lives() -> None:
+    overlay = DEPLOY / "k8s-redis-cluster"
+    kustomization = _docs(overlay / "kustomization.yaml")[0]
+    assert kustomization["resources"] == ["../k8s"]
+    (patched,) = _docs(overlay / "configmap.yaml")
+    config = parse_config(yaml.safe_load(patched["data"]["routing.yaml"]))
+    assert config.state.backend == "redis" and config.state.cluster is True
+    base = _configmap_routing()
+    assert config.model_copy(update={"state": base.state}) == base, "only the state differs"
+    # The JSON patch edits the agent sidecar's --redis flag by position: keep them in step.
+    agent = _container(_k8s("StatefulSet", "vllm"), "agent")
+    containers = _k8s("StatefulSet", "vllm")["spec"]["template"]["spec"]["containers"]
+    assert containers[1]["name"] == "agent" and agent["args"][3].startswith("--redis=")
+    (vllm_patch,) = [
+        p for p in kustomization["patches"] if p.get("target", {}).get("name") == "vllm"
+    ]
+    ops = yaml.safe_load(vllm_patch["patch"])
+    assert [op["value"] for op in ops] == [
+        f"--redis={config.state.redis_url}",
+        "--redis-cluster",
+    ]
+
+
 def test_gateway_deployment_probes_and_port() -> None:
     deployment = _k8s("Deployment", "prefix-router")
     assert deployment["spec"]["replicas"] == 2

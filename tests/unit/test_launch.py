@@ -120,6 +120,9 @@ def test_agent_command() -> None:
     assert flag_value(agent, "--redis") == "redis://h:6379/0"
     assert flag_value(agent, "--worker-id").endswith("-8100")
     assert flag_value(agent, "--model") == "m"
+    assert "--redis-cluster" not in agent
+    cluster = LaunchOptions(model="m", agent_redis="redis://node:7000/0", agent_redis_cluster=True)
+    assert "--redis-cluster" in render_agent_command(cluster, [])
     with pytest.raises(ValueError):
         render_agent_command(LaunchOptions(model="m"), [])
 
