@@ -27,6 +27,7 @@ import redis.asyncio as aioredis
 import uvloop
 from prometheus_client.parser import text_string_to_metric_families
 
+from loadtest.gateway_probe import bucket_quantile
 from loadtest.outcomes import chat_outcome
 from loadtest.procs import (
     Fleet,
@@ -129,18 +130,6 @@ async def _metrics(session: aiohttp.ClientSession, url: str) -> dict[str, Any]:
     return out
 
 
-def _quantile(before: dict[float, float], after: dict[float, float], q: float) -> float:
-    """The upper bound of the bucket holding quantile `q` of what was observed in between."""
-    bounds = sorted(after)
-    total = after[bounds[-1]] - before.get(bounds[-1], 0.0)
-    if total <= 0:
-        return float("nan")
-    for bound in bounds:
-        if after[bound] - before.get(bound, 0.0) >= q * total:
-            return bound
-    return float("inf")
-
-
 async def _client(session: aiohttp.ClientSession, url: str, rate: float, stop: asyncio.Event,
                   outcomes: dict[str, int]) -> None:  # fmt: skip
     tasks = []
@@ -210,9 +199,9 @@ async def _main(args: argparse.Namespace) -> int:
                 elapsed = time.perf_counter() - t0
                 after = await _metrics(session, gateway.url)
                 applied = after["applied"] - before["applied"]
-                lag_p50 = 1000 * _quantile(before["lag"], after["lag"], 0.5)
-                lag_p99 = 1000 * _quantile(before["lag"], after["lag"], 0.99)
-                decision_p99 = 1e6 * _quantile(before["decision"], after["decision"], 0.99)
+                lag_p50 = 1000 * bucket_quantile(before["lag"], after["lag"], 0.5)
+                lag_p99 = 1000 * bucket_quantile(before["lag"], after["lag"], 0.99)
+                decision_p99 = 1e6 * bucket_quantile(before["decision"], after["decision"], 0.99)
                 failed = sum(n for outcome, n in outcomes.items() if outcome != "ok")
                 sustained = applied >= 0.95 * written and lag_p99 <= 100
                 if sustained:

@@ -18,30 +18,22 @@ import argparse
 import asyncio
 import dataclasses
 import os
-import time
-from collections import Counter
 from typing import Any
 
-import redis.asyncio as aioredis
 import uvloop
 
 from loadtest.chart import write_chart
-from loadtest.external_router import parse_routers, start_external, wait_external
-from loadtest.gateway_probe import all_healthy, decision_reasons, machine_busy_s
-from loadtest.intrinsic import ChatTokens, intrinsic_reuse, pooled_reuse
+from loadtest.external_router import parse_routers
 from loadtest.procs import (
     Fleet,
-    Proc,
-    call_all,
-    cpu_seconds,
-    start_gateway_process,
     start_redis,
     start_sim,
+    start_sim_fleet,
     wait_ready,
 )
-from loadtest.replay import Replay, replay
 from loadtest.routing_report import COLUMNS, add_ratios, check_acceptance
-from loadtest.stats import imbalance, percentile, print_table, write_json
+from loadtest.routing_run import MODEL, run_policy
+from loadtest.stats import print_table, write_json
 from loadtest.trace import TRACE_FLEET_SHARE, add_trace_arguments, trace_spec, trace_workload
 from loadtest.workloads import (
     MixedSpec,
@@ -54,7 +46,8 @@ from loadtest.workloads import (
     shared_prompts,
 )
 
-MODEL = "bench-llm"
+ONE_PROCESS_FLEET_ABOVE = 8
+"""Fleets larger than this run as one `prefix-worker sim --workers N` process."""
 WORKLOADS = ("shared", "multiturn", "mixed")
 POLICIES = ("round_robin", "least_load", "consistent_hash", "prefix", "hybrid")
 QUICK_POLICIES = ("round_robin", "prefix", "hybrid")
@@ -99,125 +92,6 @@ def build_workload(name: str, args: argparse.Namespace) -> Workload:
     )
 
 
-def _gateway_config(
-    sims: list[Proc], policy: str, capacity: int | None, redis_url: str | None
-) -> dict[str, Any]:
-    """Capacity in the YAML only when asked: by default the gateway reads what workers report
-    (`vllm:cache_config_info`) or learns it from their cached tokens, as in production."""
-    extra = {} if capacity is None else {"kv_capacity_blocks": capacity}
-    workers = [{"url": s.url, **extra} for s in sims]
-    state: dict[str, Any] = {"backend": "memory"}
-    if redis_url is not None:
-        state = {"backend": "redis", "redis_url": redis_url, "timeout_s": 0.2}
-    return {
-        "listen": {"host": "127.0.0.1", "port": 0},
-        "log_level": "warning",
-        "debug_headers": True,
-        "auth": {"enabled": False},
-        "state": state,
-        "pools": {MODEL: {"workers": workers, "policy": {"name": policy}}},
-    }
-
-
-async def _flush(redis_url: str) -> None:
-    """A fresh shared state per policy: sessions and index entries must not carry over."""
-    client = aioredis.Redis.from_url(redis_url)
-    try:
-        await client.flushall()
-    finally:
-        await client.aclose()
-
-
-async def run_policy(
-    policy: str,
-    sims: list[Proc],
-    capacity: int,
-    workload: Workload,
-    replicas: int = 1,
-    redis_url: str | None = None,
-    external: str | None = None,
-    capacity_in_yaml: bool = False,
-) -> dict[str, Any]:
-    """One row: `policy` through the gateway, or the external router whose template is given."""
-    if redis_url is not None:
-        await _flush(redis_url)
-    if external is not None:
-        gateways = [start_external(external, [s.url for s in sims], MODEL)]
-    else:
-        config = _gateway_config(sims, policy, capacity if capacity_in_yaml else None, redis_url)
-        gateways = [start_gateway_process(config) for _ in range(replicas)]
-    try:
-        for gateway in gateways:
-            if external is not None:
-                await wait_external(gateway, MODEL)
-            else:
-                await wait_ready(gateway.url, "/ready")
-                await all_healthy(gateway.url, len(sims))
-        # After start-up: a router's own readiness probes must not count as the workload's.
-        await call_all(sims, "POST", "/sim/reset")
-        pids = [*(g.pid for g in gateways), *(s.pid for s in sims)]
-        cpu0 = sum(cpu_seconds(p) for p in pids) + time.process_time()
-        busy0, total0 = machine_busy_s()
-        result = await replay([g.url for g in gateways], MODEL, workload)
-        cpu = sum(cpu_seconds(p) for p in pids) + time.process_time() - cpu0
-        busy1, total1 = machine_busy_s()
-        counters = await call_all(sims, "GET", "/sim/counters")
-        reasons: dict[str, float] = {}
-        if external is None:
-            for gateway in gateways:
-                for reason, count in (await decision_reasons(gateway.url)).items():
-                    reasons[reason] = reasons.get(reason, 0.0) + count
-    finally:
-        for gateway in gateways:
-            gateway.stop()
-    row = _summarize(policy, result, counters, reasons, cpu, capacity * len(sims))
-    row["machine_busy"] = (busy1 - busy0) / (total1 - total0) if total1 > total0 else 0.0
-    return row
-
-
-def _summarize(
-    policy: str,
-    result: Replay,
-    counters: list[dict[str, Any]],
-    reasons: dict[str, float],
-    cpu_s: float,
-    fleet_blocks: int,
-) -> dict[str, Any]:
-    ok = [r for r in result.records if r.ok]
-    ttft = [r.ttft_s for r in ok if r.ttft_s is not None]
-    e2e = [r.e2e_s for r in ok if r.e2e_s is not None]
-    prompt = sum(c["prompt_tokens"] for c in counters)
-    cached = sum(c["cached_tokens"] for c in counters)
-    per_worker = [c["requests"] for c in counters]
-    tokens = ChatTokens()
-    served = [(tokens.prompt(r.messages), tokens.answer(r.answer)) for r in ok]
-    intrinsic_hits, intrinsic_total = intrinsic_reuse(served)
-    pooled_hits, _ = pooled_reuse(served, fleet_blocks)
-    client_prompt = sum(len(p) for p, _ in served)
-    return {
-        "policy": policy,
-        "requests": len(result.records),
-        "errors": len(result.records) - len(ok),
-        "error_kinds": dict(Counter(r.error for r in result.records if not r.ok)),
-        "hit_rate": cached / prompt if prompt else 0.0,
-        "intrinsic": intrinsic_hits / intrinsic_total if intrinsic_total else 0.0,
-        "pooled": pooled_hits / intrinsic_total if intrinsic_total else 0.0,
-        "ttft_p50_ms": percentile(ttft, 50) * 1000,
-        "ttft_p90_ms": percentile(ttft, 90) * 1000,
-        "ttft_p99_ms": percentile(ttft, 99) * 1000,
-        "e2e_p50_ms": percentile(e2e, 50) * 1000,
-        "e2e_p99_ms": percentile(e2e, 99) * 1000,
-        "output_tok_s": sum(r.output_tokens for r in ok) / result.elapsed_s,
-        "imbalance": imbalance(per_worker),
-        "per_worker_requests": per_worker,
-        "cpu_share": cpu_s / (result.elapsed_s * (os.cpu_count() or 1)),
-        "start_lag_p99_ms": percentile(result.lag_s, 99) * 1000,
-        "tokenization_matches": client_prompt == prompt,
-        "decision_reasons": reasons,
-        "elapsed_s": result.elapsed_s,
-    }
-
-
 async def run_workload(name: str, args: argparse.Namespace) -> dict[str, Any]:
     workload = build_workload(name, args)
     share = args.fleet_share or (TRACE_FLEET_SHARE if name == "trace" else 1.0)
@@ -230,10 +104,13 @@ async def run_workload(name: str, args: argparse.Namespace) -> dict[str, Any]:
             redis = start_redis()
             fleet.procs.append(redis)
             redis_url = redis.url
-        for i in range(args.workers):
-            sim_args = ["--num-gpu-blocks", str(capacity), "--seed", str(args.seed + i)]
-            if args.capacity == "hidden":
-                sim_args.append("--hide-kv-capacity")
+        hide = ["--hide-kv-capacity"] if args.capacity == "hidden" else []
+        if args.workers > ONE_PROCESS_FLEET_ABOVE:
+            # Past 8, one process per sim costs more memory and start-up than the run itself.
+            sim_args = ["--num-gpu-blocks", str(capacity), "--seed", str(args.seed), *hide]
+            fleet.procs += start_sim_fleet(MODEL, args.workers, sim_args)
+        for i in range(args.workers if args.workers <= ONE_PROCESS_FLEET_ABOVE else 0):
+            sim_args = ["--num-gpu-blocks", str(capacity), "--seed", str(args.seed + i), *hide]
             fleet.procs.append(start_sim(MODEL, sim_args))
         sims = [p for p in fleet.procs if p.url.startswith("http")]
         await asyncio.gather(*(wait_ready(s.url, "/health") for s in sims))
@@ -258,7 +135,9 @@ async def run_workload(name: str, args: argparse.Namespace) -> dict[str, Any]:
                 f"  {name}/{label}: {r['requests']} requests in {r['elapsed_s']:.1f}s, "
                 f"hit {r['hit_rate']:.3f} (pooled {r['pooled']:.3f}), "
                 f"TTFT p50 {r['ttft_p50_ms']:.0f} p99 {r['ttft_p99_ms']:.0f} ms, "
-                f"imbalance {r['imbalance']:.2f}, errors {r['errors']}",
+                f"imbalance {r['imbalance']:.2f}, errors {r['errors']}, router CPU "
+                f"{r['router_cpu_ms_per_request']:.2f} ms/req, decision p99 "
+                f"{r['decision_p99_us']:.0f} us",
                 flush=True,
             )
     finally:
@@ -313,7 +192,7 @@ async def run_workload(name: str, args: argparse.Namespace) -> dict[str, Any]:
     return data
 
 
-def run(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prefix-router bench routing", description=__doc__)
     parser.add_argument("--workload", choices=[*WORKLOADS, "trace", "all"])
     parser.add_argument("--policies", nargs="+", choices=POLICIES, help="default: all five")
@@ -331,7 +210,12 @@ def run(argv: list[str] | None = None) -> int:
     parser.add_argument("--sessions", type=int, help="multi-turn sessions")
     parser.add_argument("--session-rate", type=float, help="new sessions per second")
     add_trace_arguments(parser)
-    parser.add_argument("--workers", type=int, default=8)
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=8,
+        help=f"simulated workers (above {ONE_PROCESS_FLEET_ABOVE}: one process serves them all)",
+    )
     parser.add_argument("--gpu-blocks", type=int, help="per-worker KV blocks (default: sized)")
     parser.add_argument(
         "--fleet-share",
@@ -364,6 +248,11 @@ def run(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--json", default="loadtest/results/routing-{workload}.json")
     parser.add_argument("--png", default="loadtest/results/routing-{workload}.png")
+    return parser
+
+
+def run(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.policies is None:
         args.policies = list(QUICK_POLICIES if args.quick else POLICIES)

@@ -34,6 +34,33 @@ async def all_healthy(url: str, count: int, timeout_s: float = 30.0) -> None:
     raise RuntimeError(f"gateway {url} did not see {count} healthy workers in {timeout_s}s")
 
 
+async def decision_buckets(url: str) -> dict[float, float]:
+    """The gateway's routing-decision histogram so far: cumulative count per bucket bound
+    (seconds), summed over policies."""
+    async with aiohttp.ClientSession() as session, session.get(url + "/metrics") as resp:
+        text = await resp.text()
+    buckets: dict[float, float] = {}
+    for line in text.splitlines():
+        if line.startswith("prefix_router_routing_decision_seconds_bucket{"):
+            labels, _, value = line.rpartition(" ")
+            bound = float(labels.split('le="', 1)[1].split('"', 1)[0])
+            buckets[bound] = buckets.get(bound, 0.0) + float(value)
+    return buckets
+
+
+def bucket_quantile(before: dict[float, float], after: dict[float, float], q: float) -> float:
+    """The upper bound of the bucket holding quantile `q` of what was observed between two
+    reads of a cumulative histogram (NaN when nothing was)."""
+    bounds = sorted(after)
+    total = after[bounds[-1]] - before.get(bounds[-1], 0.0) if bounds else 0.0
+    if total <= 0:
+        return float("nan")
+    for bound in bounds:
+        if after[bound] - before.get(bound, 0.0) >= q * total:
+            return bound
+    return float("inf")
+
+
 async def decision_reasons(url: str) -> dict[str, float]:
     async with aiohttp.ClientSession() as session, session.get(url + "/metrics") as resp:
         text = await resp.text()

@@ -24,6 +24,8 @@ COLUMNS = [
     ("errors", "errors"),
     ("cpu_share", "CPU"),
     ("machine_busy", "host CPU"),
+    ("router_cpu_ms_per_request", "router CPU ms/req"),
+    ("decision_p99_us", "decision p99 us"),
 ]
 
 

@@ -14,6 +14,7 @@ BENCHMARKS = {
     "precise": "loadtest.bench_precise",
     "pd": "loadtest.bench_pd",
     "events": "loadtest.bench_events",
+    "scale": "loadtest.bench_scale",
     "key-stall": "loadtest.bench_key_stall",
     "routing-report": "loadtest.routing_charts",
 }

@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     key_hash.add_argument("key")
     bench = sub.add_parser(
         "bench",
-        help="benchmarks: overhead, routing, index, soak, migration, precise, routing-report",
+        help="benchmarks: " + ", ".join(BENCHMARKS),
     )
     bench.add_argument("name", choices=sorted(BENCHMARKS))
     bench.add_argument("args", nargs=argparse.REMAINDER, help="options of that benchmark")
