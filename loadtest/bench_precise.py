@@ -23,16 +23,26 @@ from typing import Any
 import redis.asyncio as aioredis
 import uvloop
 
+from loadtest.agent_fleet import start_agent_fleet
+from loadtest.gateway_probe import (
+    all_healthy,
+    bucket_quantile,
+    metric_total,
+    summed_decisions,
+)
 from loadtest.intrinsic import ChatTokens, intrinsic_reuse
 from loadtest.procs import (
     Fleet,
     Proc,
     call_all,
+    cpu_seconds,
     free_port,
+    free_port_range,
     spawn,
     start_gateway_process,
     start_redis,
     start_sim,
+    start_sim_fleet,
     wait_ready,
 )
 from loadtest.replay import Replay, replay
@@ -45,9 +55,12 @@ from loadtest.workloads import (
     multiturn_sessions,
     shared_prompts,
 )
+from router.state.keys import Keys
 
 MODEL = "bench-llm"
 MODES = ("approximate", "precise")
+ONE_PROCESS_FLEET_ABOVE = 8
+"""Fleets larger than this run as one sim process and one agent process."""
 
 
 def start_agent(sim: Proc, pub_port: int, replay_port: int, redis_url: str, wid: str) -> Proc:
@@ -116,35 +129,61 @@ def gateway_yaml(mode: str, sims: list[Proc], redis_url: str, capacity: int) -> 
     }
 
 
-async def evicted_blocks(redis_url: str, since: str | None) -> tuple[int, str]:
-    """Blocks the workers reported removed (evictions) after stream id `since`, and the
-    stream's last id."""
+async def evicted_blocks(
+    redis_url: str, since: dict[str, str] | None
+) -> tuple[int, dict[str, str]]:
+    """Blocks the workers reported removed (evictions) after the stream ids `since` (one per
+    KV-event stream shard), and each stream's last id."""
     client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    removed, last = 0, {}
     try:
-        stream = f"pr:kv:{MODEL}"
-        entries: Any = await client.xrange(stream, min=f"({since}" if since else "-")
-        removed = sum(len(f["hashes"].split()) for _, f in entries if f["op"] == "removed")
-        return removed, entries[-1][0] if entries else (since or "0-0")
+        for stream in Keys().kv_streams(MODEL):
+            start = (since or {}).get(stream)
+            entries: Any = await client.xrange(stream, min=f"({start}" if start else "-")
+            removed += sum(len(f["hashes"].split()) for _, f in entries if f["op"] == "removed")
+            last[stream] = entries[-1][0] if entries else (start or "0-0")
+        return removed, last
     finally:
         await client.aclose()
 
 
 async def run_mode(
-    mode: str, sims: list[Proc], redis_url: str, capacity: int, workload: Workload
+    mode: str,
+    sims: list[Proc],
+    redis_url: str,
+    capacity: int,
+    workload: Workload,
+    replicas: int = 1,
 ) -> dict[str, Any]:
     await call_all(sims, "POST", "/sim/reset")  # each agent forwards the AllBlocksCleared
-    _, start_id = await evicted_blocks(redis_url, None)
-    gateway = start_gateway_process(gateway_yaml(mode, sims, redis_url, capacity))
+    _, start_ids = await evicted_blocks(redis_url, None)
+    config = gateway_yaml(mode, sims, redis_url, capacity)
+    gateways = [start_gateway_process(config) for _ in range(replicas)]
     try:
-        await wait_ready(gateway.url, "/ready")
-        await asyncio.sleep(2.0)  # every worker probed healthy and the follower caught up
-        result = await replay(gateway.url, MODEL, workload)
+        for gateway in gateways:
+            await wait_ready(gateway.url, "/ready")
+            await all_healthy(gateway.url, len(sims))
+        await asyncio.sleep(2.0)  # the followers caught up with the reset's clears
+        cpu0 = sum(cpu_seconds(g.pid) for g in gateways)
+        decisions0 = await summed_decisions([g.url for g in gateways])
+        result = await replay([g.url for g in gateways], MODEL, workload)
+        cpu = sum(cpu_seconds(g.pid) for g in gateways) - cpu0
+        decisions = await summed_decisions([g.url for g in gateways])
+        applied = [
+            await metric_total(g.url, "prefix_router_kv_events_applied_total") for g in gateways
+        ]
         counters = await call_all(sims, "GET", "/sim/counters")
-        evicted, _ = await evicted_blocks(redis_url, start_id)
+        evicted, _ = await evicted_blocks(redis_url, start_ids)
     finally:
-        gateway.stop()
+        for gateway in gateways:
+            gateway.stop()
     row = summarize(mode, result, counters)
     row["evicted_blocks"] = evicted
+    row["replicas"] = replicas
+    row["kv_events_applied"] = min(applied)  # by the replica that applied the fewest
+    row["router_cpu_ms_per_request"] = 1000 * cpu / max(1, row["requests"])
+    row["decision_p50_us"] = 1e6 * bucket_quantile(decisions0, decisions, 0.5)
+    row["decision_p99_us"] = 1e6 * bucket_quantile(decisions0, decisions, 0.99)
     return row
 
 
@@ -183,7 +222,28 @@ COLUMNS = [
     ("evicted_blocks", "evicted"),
     ("requests", "requests"),
     ("errors", "errors"),
+    ("replicas", "replicas"),
+    ("kv_events_applied", "events applied"),
+    ("decision_p99_us", "decision p99 us"),
+    ("router_cpu_ms_per_request", "gateway CPU ms/req"),
 ]
+
+
+async def _one_process_fleet(
+    args: argparse.Namespace, capacity: int, redis_url: str, fleet: Fleet
+) -> list[Proc]:
+    """The fleet as one `prefix-worker sim --workers N` process, its agents as one more."""
+    # One free range for the HTTP, KV-event and replay ports: ranges found one by one may overlap.
+    base = free_port_range(3 * args.workers)
+    pub, rep = base + args.workers, base + 2 * args.workers
+    sim_args = [
+        "--num-gpu-blocks", str(capacity), "--seed", str(args.seed),
+        "--kv-events-endpoint", f"tcp://*:{pub}", "--kv-events-replay-endpoint", f"tcp://*:{rep}",
+    ]  # fmt: skip
+    sims = start_sim_fleet(MODEL, args.workers, sim_args, base)
+    fleet.procs += sims
+    fleet.procs.append(start_agent_fleet(redis_url, MODEL, args.workers, base, pub, rep))
+    return sims
 
 
 async def run_workload(name: str, args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
@@ -194,7 +254,9 @@ async def run_workload(name: str, args: argparse.Namespace, rows: list[dict[str,
         redis = start_redis()  # answers PING when it returns
         fleet.procs.append(redis)
         sims = []
-        for i in range(args.workers):
+        if args.workers > ONE_PROCESS_FLEET_ABOVE:
+            sims = await _one_process_fleet(args, capacity, redis.url, fleet)
+        for i in range(args.workers if args.workers <= ONE_PROCESS_FLEET_ABOVE else 0):
             pub, rep = free_port(), free_port()
             sim_args = [
                 "--num-gpu-blocks", str(capacity), "--seed", str(args.seed + i),
@@ -207,7 +269,7 @@ async def run_workload(name: str, args: argparse.Namespace, rows: list[dict[str,
             fleet.procs.append(start_agent(sim, pub, rep, redis.url, f"w{i}"))
         await asyncio.gather(*(wait_ready(s.url, "/health") for s in sims))
         for mode in args.modes:
-            row = await run_mode(mode, sims, redis.url, capacity, workload)
+            row = await run_mode(mode, sims, redis.url, capacity, workload, args.replicas)
             row["workload"] = name
             row["of_intrinsic"] = row["hit_rate"] / row["intrinsic"] if row["intrinsic"] else 0
             row["kv_blocks_per_worker"] = capacity
@@ -231,7 +293,16 @@ def run(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="prefix-router bench precise", description=__doc__)
     parser.add_argument("--workload", choices=["shared", "multiturn", "all"], default="all")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
-    parser.add_argument("--workers", type=int, default=8)
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=8,
+        help=f"simulated workers (above {ONE_PROCESS_FLEET_ABOVE}: one sim process, one agent "
+        "process)",
+    )
+    parser.add_argument(
+        "--replicas", type=int, default=1, help="gateway replicas; requests spread over them"
+    )
     parser.add_argument("--fleet-share", type=float, default=0.5, help="fleet KV / working set")
     parser.add_argument("--gpu-blocks", type=int, help="per-worker KV blocks (default: sized)")
     parser.add_argument("--groups", type=int, default=SharedSpec.groups)

@@ -48,6 +48,26 @@ async def decision_buckets(url: str) -> dict[float, float]:
     return buckets
 
 
+async def metric_total(url: str, name: str) -> float:
+    """The sum of every sample of one metric (all label values) on a gateway's /metrics."""
+    async with aiohttp.ClientSession() as session, session.get(url + "/metrics") as resp:
+        text = await resp.text()
+    return sum(
+        float(line.rpartition(" ")[2])
+        for line in text.splitlines()
+        if line.startswith((name + "{", name + " "))
+    )
+
+
+async def summed_decisions(urls: list[str]) -> dict[float, float]:
+    """Several replicas' routing-decision histograms, summed."""
+    total: dict[float, float] = {}
+    for url in urls:
+        for bound, count in (await decision_buckets(url)).items():
+            total[bound] = total.get(bound, 0.0) + count
+    return total
+
+
 def bucket_quantile(before: dict[float, float], after: dict[float, float], q: float) -> float:
     """The upper bound of the bucket holding quantile `q` of what was observed between two
     reads of a cumulative histogram (NaN when nothing was)."""

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import importlib.util
 import os
+import random
 import shutil
 import signal
 import socket
@@ -33,6 +34,15 @@ def free_port() -> int:
             port: int = s.getsockname()[1]
         if port != 6379:
             return port
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low, high = (int(x) for x in f.read().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999  # Linux's default
+    return low, high
 
 
 def find_redis_server() -> str | None:
@@ -175,9 +185,12 @@ async def call_all(procs: list[Proc], method: str, path: str) -> list[dict[str, 
 
 
 def free_port_range(count: int) -> int:
-    """The first of `count` consecutive free local ports (none of them Redis's default)."""
+    """The first of `count` consecutive free local ports (none of them Redis's default), below
+    the kernel's ephemeral range: a range inside it can be taken, between this check and the
+    servers' bind, by any process's outgoing connection (benchmarks open thousands)."""
+    low, _ = _ephemeral_range()
     while True:
-        base = free_port()
+        base = random.randrange(1024, max(1025, low - count))
         ports = range(base, base + count)
         if 6379 in ports or base + count > 65535:
             continue
@@ -191,10 +204,13 @@ def free_port_range(count: int) -> int:
         return base
 
 
-def start_sim_fleet(model: str, count: int, extra: list[str] | None = None) -> list[Proc]:
-    """`count` simulated workers in one process (`prefix-worker sim --workers`): one Proc per
-    worker URL, all sharing that process (stopping one stops the fleet)."""
-    base = free_port_range(count)
+def start_sim_fleet(
+    model: str, count: int, extra: list[str] | None = None, base: int | None = None
+) -> list[Proc]:
+    """`count` simulated workers in one process (`prefix-worker sim --workers`) on ports from
+    `base` (default: a free range): one Proc per worker URL, all sharing that process (stopping
+    one stops the fleet)."""
+    base = base or free_port_range(count)
     args = [sys.executable, "-m", "workers", "sim", "--model", model]
     args += ["--workers", str(count), "--base-port", str(base), *(extra or [])]
     first = spawn(args, f"http://127.0.0.1:{base}", f"fleet{base}")

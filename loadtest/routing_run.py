@@ -16,9 +16,9 @@ from loadtest.external_router import start_external, wait_external
 from loadtest.gateway_probe import (
     all_healthy,
     bucket_quantile,
-    decision_buckets,
     decision_reasons,
     machine_busy_s,
+    summed_decisions,
 )
 from loadtest.intrinsic import ChatTokens, intrinsic_reuse, pooled_reuse
 from loadtest.procs import Proc, call_all, cpu_seconds, start_gateway_process, wait_ready
@@ -90,7 +90,7 @@ async def run_policy(
         pids = router_pids | {s.pid for s in sims}
         cpu0 = sum(cpu_seconds(p) for p in pids) + time.process_time()
         router_cpu0 = sum(cpu_seconds(p) for p in router_pids)
-        decisions0 = await _decisions(gateways) if external is None else {}
+        decisions0 = await summed_decisions([g.url for g in gateways]) if external is None else {}
         busy0, total0 = machine_busy_s()
         result = await replay([g.url for g in gateways], MODEL, workload)
         cpu = sum(cpu_seconds(p) for p in pids) + time.process_time() - cpu0
@@ -98,7 +98,7 @@ async def run_policy(
         busy1, total1 = machine_busy_s()
         counters = await call_all(sims, "GET", "/sim/counters")
         reasons: dict[str, float] = {}
-        decisions = await _decisions(gateways) if external is None else {}
+        decisions = await summed_decisions([g.url for g in gateways]) if external is None else {}
         if external is None:
             for gateway in gateways:
                 for reason, count in (await decision_reasons(gateway.url)).items():
@@ -112,15 +112,6 @@ async def run_policy(
     row["decision_p50_us"] = 1e6 * bucket_quantile(decisions0, decisions, 0.5)
     row["decision_p99_us"] = 1e6 * bucket_quantile(decisions0, decisions, 0.99)
     return row
-
-
-async def _decisions(gateways: list[Proc]) -> dict[float, float]:
-    """The replicas' routing-decision histograms, summed."""
-    total: dict[float, float] = {}
-    for gateway in gateways:
-        for bound, count in (await decision_buckets(gateway.url)).items():
-            total[bound] = total.get(bound, 0.0) + count
-    return total
 
 
 def _summarize(

@@ -91,10 +91,10 @@ class RedisClusterNodes:
 
 
 def _node_port() -> int:
-    """A free port whose cluster bus port (port + 10000, Redis's rule) is free too: an
-    ephemeral port from the OS may have its bus port above 65535 or taken."""
+    """A free port whose cluster bus port (port + 10000, Redis's rule) is free too, both below
+    the kernel's ephemeral range (from 32768), where outgoing connections could take them."""
     while True:
-        port = random.randrange(20000, 55000)
+        port = random.randrange(10000, 22000)
         try:
             with contextlib.ExitStack() as stack:
                 for candidate in (port, port + 10000):

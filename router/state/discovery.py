@@ -82,8 +82,15 @@ def _load(registration: Record, load: Record) -> ReportedLoad:
         lora_running=_names(load, "lora_running"),
         lora_waiting=_names(load, "lora_waiting"),
         max_lora=_int(load, "max_lora"),
-        updated_at=time.monotonic(),
+        updated_at=_scraped_at(number("ts")),
     )
+
+
+def _scraped_at(ts: float) -> float:
+    """When the agent scraped the worker, on this host's monotonic clock (the record's `ts` is
+    the agent's unix time; a record without one counts as read now)."""
+    now = time.monotonic()
+    return now - max(0.0, time.time() - ts) if ts else now
 
 
 def _names(record: Record, field: str) -> frozenset[str]:

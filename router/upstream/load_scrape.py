@@ -139,6 +139,17 @@ def parse_vllm_metrics(text: str, rejected: set[str] | None = None) -> ReportedL
     return load
 
 
+AGENT_REPORT_FRESH_S = 3.0
+"""A worker whose agent published its load this recently is not scraped: the agent scraped it
+already, once for every gateway replica (each replica scraping every worker would cost the
+fleet replicas x workers scrapes a second). Older than this (the agent died, or Redis is away),
+the gateway scrapes the worker itself again."""
+
+
+def _agent_reports(worker: Worker, now: float) -> bool:
+    return worker.agent_id is not None and now - worker.reported.updated_at < AGENT_REPORT_FRESH_S
+
+
 class LoadScraper:
     def __init__(
         self,
@@ -163,7 +174,12 @@ class LoadScraper:
             await asyncio.sleep(self._config.interval_s)
 
     async def scrape_all(self) -> None:
-        workers = [w for w in self._registry.workers() if w.health.value != "unhealthy"]
+        now = time.monotonic()
+        workers = [
+            w
+            for w in self._registry.workers()
+            if w.health.value != "unhealthy" and not _agent_reports(w, now)
+        ]
         if workers:
             await asyncio.gather(*(self._scrape_one(w) for w in workers))
 
