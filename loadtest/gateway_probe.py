@@ -8,6 +8,7 @@ import os
 import time
 
 import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
 
 
 def machine_busy_s() -> tuple[float, float]:
@@ -34,29 +35,29 @@ async def all_healthy(url: str, count: int, timeout_s: float = 30.0) -> None:
     raise RuntimeError(f"gateway {url} did not see {count} healthy workers in {timeout_s}s")
 
 
+async def _summed_by_label(url: str, sample: str, label: str) -> dict[str, float]:
+    """One sample name's values on a gateway's /metrics, summed per value of `label`."""
+    async with aiohttp.ClientSession() as session, session.get(url + "/metrics") as resp:
+        text = await resp.text()
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for found in family.samples:
+            if found.name == sample:
+                key = found.labels.get(label, "")
+                out[key] = out.get(key, 0.0) + found.value
+    return out
+
+
 async def decision_buckets(url: str) -> dict[float, float]:
     """The gateway's routing-decision histogram so far: cumulative count per bucket bound
     (seconds), summed over policies."""
-    async with aiohttp.ClientSession() as session, session.get(url + "/metrics") as resp:
-        text = await resp.text()
-    buckets: dict[float, float] = {}
-    for line in text.splitlines():
-        if line.startswith("prefix_router_routing_decision_seconds_bucket{"):
-            labels, _, value = line.rpartition(" ")
-            bound = float(labels.split('le="', 1)[1].split('"', 1)[0])
-            buckets[bound] = buckets.get(bound, 0.0) + float(value)
-    return buckets
+    by_bound = await _summed_by_label(url, "prefix_router_routing_decision_seconds_bucket", "le")
+    return {float(bound): count for bound, count in by_bound.items()}
 
 
 async def metric_total(url: str, name: str) -> float:
     """The sum of every sample of one metric (all label values) on a gateway's /metrics."""
-    async with aiohttp.ClientSession() as session, session.get(url + "/metrics") as resp:
-        text = await resp.text()
-    return sum(
-        float(line.rpartition(" ")[2])
-        for line in text.splitlines()
-        if line.startswith((name + "{", name + " "))
-    )
+    return sum((await _summed_by_label(url, name, "")).values())
 
 
 async def summed_decisions(urls: list[str]) -> dict[float, float]:
@@ -82,12 +83,4 @@ def bucket_quantile(before: dict[float, float], after: dict[float, float], q: fl
 
 
 async def decision_reasons(url: str) -> dict[str, float]:
-    async with aiohttp.ClientSession() as session, session.get(url + "/metrics") as resp:
-        text = await resp.text()
-    reasons: dict[str, float] = {}
-    for line in text.splitlines():
-        if line.startswith("prefix_router_routing_decisions_total{"):
-            labels, _, value = line.rpartition(" ")
-            reason = labels.split('reason="', 1)[1].split('"', 1)[0]
-            reasons[reason] = reasons.get(reason, 0.0) + float(value)
-    return reasons
+    return await _summed_by_label(url, "prefix_router_routing_decisions_total", "reason")

@@ -7,7 +7,7 @@ the state it reads. `observe` receives outcomes after the response ends.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -105,6 +105,10 @@ class Outcome:
     """Streamed answers only: a non-streamed one's first byte comes when it is complete."""
     answer_key: str | None = None
     """The routing key extended by the answer's text (policies that index answers)."""
+    share_insert: Callable[[str, list[int]], None] | None = None
+    """Tell the other replicas what a policy indexed from this answer (worker id, block keys):
+    without it, the next turn of a conversation that lands on another replica matches only the
+    previous prompt, not the answer the worker also cached."""
 
 
 class Policy(Protocol):

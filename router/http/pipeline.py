@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from aiohttp import web
@@ -155,6 +156,7 @@ async def forward_openai(
             call.on_decision = lambda decision: _share_decision(
                 state, decision, tenant.name, session
             )
+            call.share_insert = partial(state.fleet.publish_insert, pool.name)
             if not pool.config.result_cache.enabled or not is_deterministic(body):
                 return await relay(request, state, call, result)
             return await _through_result_cache(

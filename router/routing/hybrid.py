@@ -231,7 +231,10 @@ class HybridCost:
         self.feedback.observe(worker, outcome)
         if outcome.answer_key is not None:
             index = self.index
-            index.insert(worker.id, index.block_keys(outcome.answer_key, outcome.request.partition))
+            keys = index.block_keys(outcome.answer_key, outcome.request.partition)
+            index.insert(worker.id, keys)
+            if outcome.share_insert is not None:
+                outcome.share_insert(worker.id, keys)
         if outcome.ttft_s is not None:
             prompt = outcome.prompt_tokens or outcome.request.prompt_tokens
             cached = decision.matched_tokens

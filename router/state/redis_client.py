@@ -17,12 +17,14 @@ from redis.asyncio.cluster import ClusterPipeline, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.crc import key_slot
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 REDIS_FAILURES: tuple[type[BaseException], ...] = (
     RedisError,
     OSError,
     TimeoutError,
+    # The cluster client's "no reachable node" is not a RedisError.
+    RedisClusterException,
     # redis-py's cluster client (8.1) raises AttributeError ("'NoneType' object has no attribute
     # 'writelines'") when another task tore a node's connections down mid-command, as it does
     # when a master dies. It is a Redis failure like the others, and must fall back like them.

@@ -40,6 +40,8 @@ class UpstreamCall:
     """Keep the answer's text for the policy (it indexes prompt plus answer)."""
     on_decision: Callable[[Decision], None] | None = None
     """Called once per routing decision, before the request is sent (to share it)."""
+    share_insert: Callable[[str, list[int]], None] | None = None
+    """Shares what the policy indexes from the answer with the other replicas (`Outcome`)."""
     transcript: Transcript | None = None
     """What the client received so far (streams that can be migrated; shared by segments)."""
     migration: MigrationPlan | None = None

@@ -210,6 +210,7 @@ class Dispatcher:
                 answer_key=None
                 if text is None or not ok
                 else extend_key(routing.key, text, call.path.endswith("chat/completions")),
+                share_insert=call.share_insert,
             )
         )
 

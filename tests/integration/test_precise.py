@@ -11,7 +11,7 @@ view and a resync follows. Every wait is a condition with a deadline.
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -22,12 +22,9 @@ from router.config import GatewayConfig
 from router.http.context import STATE
 from router.routing.precise_index import PreciseIndex
 from router.routing.precise_key import PreciseKeyer
-from router.serve import start_gateway
 from tests.conftest import MODEL, SimFactory, gateway_config, wait_for
+from tests.integration.conftest import AppGateways, WorkerAgents
 from tests.redis_server import RedisServer
-from workers.agent.agent import WorkerAgent
-from workers.agent.config import AgentConfig
-from workers.sim.kv_publisher import KV_PUBLISHER
 from workers.sim.runner import SimHandle
 
 TCP_ANY = "tcp://127.0.0.1:*"
@@ -49,48 +46,19 @@ def _config(yaml_urls: list[str], redis_url: str, ttl_s: float = 0.5) -> Gateway
     )
 
 
-GatewayStarter = Callable[[GatewayConfig], Awaitable[tuple[str, web.Application]]]
+GatewayStarter = AppGateways
 
 
 @pytest.fixture
-async def precise_gateway() -> AsyncIterator[GatewayStarter]:
-    runners: list[web.AppRunner] = []
-
-    async def start(config: GatewayConfig) -> tuple[str, web.Application]:
-        runner, url = await start_gateway(config)
-        runners.append(runner)
-        return url, runner.app
-
-    yield start
-    for runner in runners:
-        await runner.cleanup()
+def precise_gateway(app_gateways: AppGateways) -> GatewayStarter:
+    return app_gateways
 
 
 @pytest.fixture
-async def agents(redis_url: str) -> AsyncIterator[Callable[[SimHandle, str], Awaitable[None]]]:
-    started: list[WorkerAgent] = []
-
-    async def start(sim: SimHandle, worker_id: str) -> None:
-        publisher = sim.app[KV_PUBLISHER]
-        agent = WorkerAgent(
-            AgentConfig(
-                vllm_url=sim.url,
-                kv_events_endpoint=publisher.endpoint,
-                replay_endpoint=publisher.replay_endpoint,
-                redis_url=redis_url,
-                worker_id=worker_id,
-                interval_s=0.1,
-                heartbeat_ttl_s=5,
-                replay_timeout_s=0.5,
-                replay_probe_s=0.2,
-            )
-        )
-        await agent.start()
-        started.append(agent)
-
-    yield start
-    for agent in started:
-        await agent.stop()
+def agents(
+    redis_url: str, worker_agents: WorkerAgents
+) -> Callable[[SimHandle, str], Awaitable[None]]:
+    return lambda sim, worker_id: worker_agents(sim, worker_id, redis_url)
 
 
 def _index(app: web.Application) -> PreciseIndex:

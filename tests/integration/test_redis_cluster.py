@@ -11,25 +11,21 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
 
+from loadtest.procs import free_port
 from router.auth import hash_key
-from router.config import GatewayConfig
 from router.domain.pool import Pool
 from router.http.context import STATE
 from router.routing.precise_index import PreciseIndex
-from router.serve import start_gateway
 from router.state.keys import Keys
 from tests.conftest import MODEL, SimFactory, chat_body, gateway_config, wait_for
+from tests.integration.conftest import AppGateways, WorkerAgents
 from tests.redis_cluster import RedisClusterNodes
-from workers.agent.agent import WorkerAgent
-from workers.agent.config import AgentConfig
-from workers.sim.kv_publisher import KV_PUBLISHER
 from workers.sim.runner import SimHandle
 
 TCP_ANY = "tcp://127.0.0.1:*"
@@ -54,49 +50,19 @@ def _auth() -> dict[str, Any]:
     return {"enabled": True, "keys": [{"tenant": "t", "sha256": hash_key(KEY), "limits": limits}]}
 
 
-Starter = Callable[[GatewayConfig], Awaitable[tuple[str, web.Application]]]
+Starter = AppGateways
 
 
 @pytest.fixture
-async def gateways() -> AsyncIterator[Starter]:
-    runners: list[web.AppRunner] = []
-
-    async def start(config: GatewayConfig) -> tuple[str, web.Application]:
-        runner, url = await start_gateway(config)
-        runners.append(runner)
-        return url, runner.app
-
-    yield start
-    for runner in runners:
-        await runner.cleanup()
+def gateways(app_gateways: AppGateways) -> Starter:
+    return app_gateways
 
 
 @pytest.fixture
-async def cluster_agents(
-    redis_cluster: RedisClusterNodes,
-) -> AsyncIterator[Callable[[SimHandle, str], Awaitable[None]]]:
-    started: list[WorkerAgent] = []
-
-    async def start(sim: SimHandle, worker_id: str) -> None:
-        publisher = sim.app[KV_PUBLISHER]
-        agent = WorkerAgent(
-            AgentConfig(
-                vllm_url=sim.url,
-                kv_events_endpoint=publisher.endpoint,
-                replay_endpoint=publisher.replay_endpoint,
-                redis_url=redis_cluster.url,
-                redis_cluster=True,
-                worker_id=worker_id,
-                interval_s=0.1,
-                heartbeat_ttl_s=5,
-            )
-        )
-        await agent.start()
-        started.append(agent)
-
-    yield start
-    for agent in started:
-        await agent.stop()
+def cluster_agents(
+    redis_cluster: RedisClusterNodes, worker_agents: WorkerAgents
+) -> Callable[[SimHandle, str], Awaitable[None]]:
+    return lambda sim, worker_id: worker_agents(sim, worker_id, redis_cluster.url, cluster=True)
 
 
 async def _redis_up(http: aiohttp.ClientSession, url: str) -> float:
@@ -223,6 +189,18 @@ async def test_a_master_killed_while_requests_flow_fails_none_of_them(
         stop.set()
         await asyncio.gather(*lanes)
     assert statuses and set(statuses) == {200}, {s: statuses.count(s) for s in set(statuses)}
+
+
+async def test_a_gateway_whose_cluster_is_unreachable_serves_from_local_state(
+    sims: SimFactory, gateways: Starter, http: aiohttp.ClientSession
+) -> None:
+    (worker,) = await sims(1)
+    nobody = f"redis://127.0.0.1:{free_port()}/0"  # no cluster node answers there
+    config = gateway_config([worker.url], auth=_auth(), state=_state(nobody))
+    url, _app = await gateways(config)
+    assert await _is_down(http, url)
+    async with http.post(url + "/v1/chat/completions", json=chat_body(), headers=AUTH) as resp:
+        assert resp.status == 200, await resp.text()
 
 
 async def _is_up(http: aiohttp.ClientSession, url: str) -> bool:

@@ -6,7 +6,11 @@ from functools import partial
 
 import aiohttp
 
-from tests.conftest import GatewayFactory, SimFactory, chat_body, gateway_config, wait_for
+from router.http.context import STATE
+from router.routing.hybrid import HybridCost
+from router.routing.key import extend_key, routing_key
+from tests.conftest import MODEL, GatewayFactory, SimFactory, chat_body, gateway_config, wait_for
+from tests.integration.conftest import AppGateways
 
 
 def _state(url: str) -> dict[str, object]:
@@ -85,3 +89,29 @@ async def test_inserts_naming_a_worker_this_replica_does_not_know_are_ignored(
     finally:
         await runner.cleanup()
         await redis.aclose()
+
+
+async def test_the_answer_one_replica_indexed_reaches_the_others(
+    sims: SimFactory, app_gateways: AppGateways, http: aiohttp.ClientSession, redis_url: str
+) -> None:
+    """vLLM caches the answer's blocks too; a conversation's next turn that lands on another
+    replica must match the whole history there, not just the previous prompt."""
+    (worker,) = await sims(1)
+    config = gateway_config([worker.url], state=_state(redis_url))
+    (a, _), (_, app_b) = [await app_gateways(config) for _ in range(2)]
+    policy_b = app_b[STATE].registry.pools[MODEL].policy
+    assert isinstance(policy_b, HybridCost)
+    worker_id = app_b[STATE].registry.pools[MODEL].workers[0].id
+    first = chat_body(" ".join(f"history{i}" for i in range(120)), max_tokens=64)
+    async with http.post(a + "/v1/chat/completions", json=first) as resp:
+        assert resp.status == 200
+        answer = (await resp.json())["choices"][0]["message"]["content"]
+    prompt_key = routing_key(first, "chat")
+    with_answer = extend_key(prompt_key, answer, chat=True)
+    index = policy_b.index
+    whole = len(index.block_keys(with_answer))
+    assert whole > len(index.block_keys(prompt_key)), "the answer spans no block of its own"
+    await wait_for(
+        lambda: index.match(index.block_keys(with_answer)).get(worker_id, 0) == whole,
+        what="replica b knows the worker holds prompt and answer",
+    )
