@@ -176,6 +176,20 @@ def test_hybrid_session_sticky_within_margin() -> None:
     assert policy.pick(req(prompt(rng, 400), session_id="s"), ws).worker is moved.worker
 
 
+def test_hybrid_default_keeps_a_session_whose_worker_looks_busy_through_peer_reports() -> None:
+    """Behind several replicas, a session's worker carries the others' requests as of its last
+    load report: a few more than this replica sends must not move the session off its cached
+    history (at a 0.05 s margin it moved; replicas then lost a point of hit rate)."""
+    ws = workers()
+    policy = hybrid()
+    rng = random.Random(11)
+    history = prompt(rng, 400)
+    first = policy.pick(req(history, session_id="s"), ws)
+    first.worker.peer_in_flight = 3  # three requests of other replicas, by its last report
+    d = policy.pick(req(history + " " + prompt(rng, 200), session_id="s"), ws)
+    assert d.worker is first.worker and d.reason == "sticky"
+
+
 def test_hybrid_spreads_distinct_cold_prompts_over_all_workers() -> None:
     ws = workers(8)
     policy = hybrid()
