@@ -18,7 +18,7 @@ tag), and every other multi-key operation is a pipeline of single-key commands.
   prefix_hits, prefix_queries (vLLM's token counters, monotonic until the worker restarts),
   lora_running, lora_waiting (comma-separated adapter names, from `vllm:lora_requests_info`),
   max_lora (empty without LoRA), ts (unix seconds of the scrape).
-- `{p}kv:{<model>:<shard>}` (stream, agent, MAXLEN ~KV_STREAM_MAXLEN): one of a pool's
+- `{p}kv:{<model>:<shard>}` (stream, agent, MAXLEN ~KV_STREAM_MAXLEN each): one of a pool's
   KV_STREAM_SHARDS streams; a worker writes to shard `crc32(worker id) % KV_STREAM_SHARDS`, so no
   single key carries a whole large fleet and, on Redis Cluster, the shards spread over the
   masters (the braces are the hash tag). Entries are the changes of each worker's block
@@ -54,10 +54,12 @@ import zlib
 
 DEFAULT_PREFIX = "pr:"
 HEARTBEAT_TTL_S = 10
-KV_STREAM_MAXLEN = 200_000
+KV_STREAM_MAXLEN = 25_000
+"""Entries kept per KV-event stream shard (200,000 for a pool's 8 shards together)."""
 KV_SNAPSHOT_TTL_FACTOR = 10  # kvsnap TTL = factor x heartbeat TTL
 SNAPSHOT_CHUNK = 1000  # hashes per SADD / stream entry when (re)writing a whole snapshot
-IDX_STREAM_MAXLEN = 100_000
+IDX_STREAM_MAXLEN = 12_500
+"""Entries kept per index stream shard (100,000 for a pool)."""
 SESSION_TTL_S = 3600
 KV_STREAM_SHARDS = 8
 """Streams per pool for KV events (and for index inserts). Agents and gateways must agree on
