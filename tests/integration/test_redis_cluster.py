@@ -50,14 +50,6 @@ def _auth() -> dict[str, Any]:
     return {"enabled": True, "keys": [{"tenant": "t", "sha256": hash_key(KEY), "limits": limits}]}
 
 
-Starter = AppGateways
-
-
-@pytest.fixture
-def gateways(app_gateways: AppGateways) -> Starter:
-    return app_gateways
-
-
 @pytest.fixture
 def cluster_agents(
     redis_cluster: RedisClusterNodes, worker_agents: WorkerAgents
@@ -85,7 +77,7 @@ async def _ask(
 async def test_agents_and_replicas_share_the_fleet_through_the_cluster(
     sims: SimFactory,
     cluster_agents: Callable[[SimHandle, str], Awaitable[None]],
-    gateways: Starter,
+    app_gateways: AppGateways,
     http: aiohttp.ClientSession,
     redis_cluster: RedisClusterNodes,
 ) -> None:
@@ -101,7 +93,7 @@ async def test_agents_and_replicas_share_the_fleet_through_the_cluster(
         state=_state(redis_cluster.url),
         pool={"workers": [], "precise": {"tokenizer": "word"}},
     )
-    (a, app_a), (b, app_b) = [await gateways(config) for _ in range(2)]
+    (a, app_a), (b, app_b) = [await app_gateways(config) for _ in range(2)]
     for app in (app_a, app_b):
         pool = app[STATE].registry.pools[MODEL]
 
@@ -146,7 +138,7 @@ async def test_agents_and_replicas_share_the_fleet_through_the_cluster(
 
 async def test_a_master_killed_while_requests_flow_fails_none_of_them(
     sims: SimFactory,
-    gateways: Starter,
+    app_gateways: AppGateways,
     http: aiohttp.ClientSession,
     redis_cluster: RedisClusterNodes,
 ) -> None:
@@ -157,7 +149,7 @@ async def test_a_master_killed_while_requests_flow_fails_none_of_them(
         auth=_auth(),
         state=_state(redis_cluster.url),
     )
-    url, _app = await gateways(config)
+    url, _app = await app_gateways(config)
     await wait_for(lambda: _is_up(http, url), what="redis_up 1")
     statuses: list[int] = []
     stop = asyncio.Event()
@@ -192,12 +184,12 @@ async def test_a_master_killed_while_requests_flow_fails_none_of_them(
 
 
 async def test_a_gateway_whose_cluster_is_unreachable_serves_from_local_state(
-    sims: SimFactory, gateways: Starter, http: aiohttp.ClientSession
+    sims: SimFactory, app_gateways: AppGateways, http: aiohttp.ClientSession
 ) -> None:
     (worker,) = await sims(1)
     nobody = f"redis://127.0.0.1:{free_port()}/0"  # no cluster node answers there
     config = gateway_config([worker.url], auth=_auth(), state=_state(nobody))
-    url, _app = await gateways(config)
+    url, _app = await app_gateways(config)
     assert await _is_down(http, url)
     async with http.post(url + "/v1/chat/completions", json=chat_body(), headers=AUTH) as resp:
         assert resp.status == 200, await resp.text()
