@@ -32,6 +32,7 @@ from loadtest.gateway_probe import (
 )
 from loadtest.intrinsic import ChatTokens, intrinsic_reuse
 from loadtest.procs import (
+    ONE_PROCESS_FLEET_ABOVE,
     Fleet,
     Proc,
     call_all,
@@ -59,8 +60,6 @@ from router.state.keys import Keys
 
 MODEL = "bench-llm"
 MODES = ("approximate", "precise")
-ONE_PROCESS_FLEET_ABOVE = 8
-"""Fleets larger than this run as one sim process and one agent process."""
 
 
 def start_agent(sim: Proc, pub_port: int, replay_port: int, redis_url: str, wid: str) -> Proc:
@@ -229,7 +228,26 @@ COLUMNS = [
 ]
 
 
-async def _one_process_fleet(
+def _process_per_sim(
+    args: argparse.Namespace, capacity: int, redis_url: str, fleet: Fleet
+) -> list[Proc]:
+    """Each sim its own process, each with its own `prefix-worker agent` process."""
+    sims = []
+    for i in range(args.workers):
+        pub, rep = free_port(), free_port()
+        sim_args = [
+            "--num-gpu-blocks", str(capacity), "--seed", str(args.seed + i),
+            "--kv-events-endpoint", f"tcp://*:{pub}",
+            "--kv-events-replay-endpoint", f"tcp://*:{rep}",
+        ]  # fmt: skip
+        sim = start_sim(MODEL, sim_args)
+        fleet.procs.append(sim)
+        sims.append(sim)
+        fleet.procs.append(start_agent(sim, pub, rep, redis_url, f"w{i}"))
+    return sims
+
+
+def _one_process_fleet(
     args: argparse.Namespace, capacity: int, redis_url: str, fleet: Fleet
 ) -> list[Proc]:
     """The fleet as one `prefix-worker sim --workers N` process, its agents as one more."""
@@ -253,20 +271,10 @@ async def run_workload(name: str, args: argparse.Namespace, rows: list[dict[str,
     try:
         redis = start_redis()  # answers PING when it returns
         fleet.procs.append(redis)
-        sims = []
         if args.workers > ONE_PROCESS_FLEET_ABOVE:
-            sims = await _one_process_fleet(args, capacity, redis.url, fleet)
-        for i in range(args.workers if args.workers <= ONE_PROCESS_FLEET_ABOVE else 0):
-            pub, rep = free_port(), free_port()
-            sim_args = [
-                "--num-gpu-blocks", str(capacity), "--seed", str(args.seed + i),
-                "--kv-events-endpoint", f"tcp://*:{pub}",
-                "--kv-events-replay-endpoint", f"tcp://*:{rep}",
-            ]  # fmt: skip
-            sim = start_sim(MODEL, sim_args)
-            fleet.procs.append(sim)
-            sims.append(sim)
-            fleet.procs.append(start_agent(sim, pub, rep, redis.url, f"w{i}"))
+            sims = _one_process_fleet(args, capacity, redis.url, fleet)
+        else:
+            sims = _process_per_sim(args, capacity, redis.url, fleet)
         await asyncio.gather(*(wait_ready(s.url, "/health") for s in sims))
         for mode in args.modes:
             row = await run_mode(mode, sims, redis.url, capacity, workload, args.replicas)

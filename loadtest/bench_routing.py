@@ -25,6 +25,7 @@ import uvloop
 from loadtest.chart import write_chart
 from loadtest.external_router import parse_routers
 from loadtest.procs import (
+    ONE_PROCESS_FLEET_ABOVE,
     Fleet,
     start_redis,
     start_sim,
@@ -46,8 +47,6 @@ from loadtest.workloads import (
     shared_prompts,
 )
 
-ONE_PROCESS_FLEET_ABOVE = 8
-"""Fleets larger than this run as one `prefix-worker sim --workers N` process."""
 WORKLOADS = ("shared", "multiturn", "mixed")
 POLICIES = ("round_robin", "least_load", "consistent_hash", "prefix", "hybrid")
 QUICK_POLICIES = ("round_robin", "prefix", "hybrid")
@@ -106,12 +105,12 @@ async def run_workload(name: str, args: argparse.Namespace) -> dict[str, Any]:
             redis_url = redis.url
         hide = ["--hide-kv-capacity"] if args.capacity == "hidden" else []
         if args.workers > ONE_PROCESS_FLEET_ABOVE:
-            # Past 8, one process per sim costs more memory and start-up than the run itself.
             sim_args = ["--num-gpu-blocks", str(capacity), "--seed", str(args.seed), *hide]
             fleet.procs += start_sim_fleet(MODEL, args.workers, sim_args)
-        for i in range(args.workers if args.workers <= ONE_PROCESS_FLEET_ABOVE else 0):
-            sim_args = ["--num-gpu-blocks", str(capacity), "--seed", str(args.seed + i), *hide]
-            fleet.procs.append(start_sim(MODEL, sim_args))
+        else:
+            for i in range(args.workers):
+                sim_args = ["--num-gpu-blocks", str(capacity), "--seed", str(args.seed + i), *hide]
+                fleet.procs.append(start_sim(MODEL, sim_args))
         sims = [p for p in fleet.procs if p.url.startswith("http")]
         await asyncio.gather(*(wait_ready(s.url, "/health") for s in sims))
         targets: list[tuple[str, str | None]] = [(p, None) for p in args.policies]

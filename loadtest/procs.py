@@ -204,6 +204,11 @@ def free_port_range(count: int) -> int:
         return base
 
 
+ONE_PROCESS_FLEET_ABOVE = 8
+"""Benchmarks run fleets larger than this as one `prefix-worker sim --workers N` process: one
+process per sim would cost more memory and start-up than the run itself."""
+
+
 def start_sim_fleet(
     model: str, count: int, extra: list[str] | None = None, base: int | None = None
 ) -> list[Proc]:

@@ -221,6 +221,6 @@ async def _start_loops(
             backend.redis_url,
             Keys(state.config.state.key_prefix),
             state.metrics,
-            cluster=state.config.state.cluster,
+            cluster=backend.cluster,
         )
         supervisor.start("kv_follower", kv_follower.run)

@@ -86,8 +86,12 @@ class Keys:
     def load(self, worker_id: str) -> str:
         return f"{self.prefix}load:{worker_id}"
 
+    def _shard(self, kind: str, model: str, shard: int) -> str:
+        """One shard of a pool's sharded stream; the braces make `<model>:<shard>` the hash tag."""
+        return f"{self.prefix}{kind}:{{{model}:{shard}}}"
+
     def kv_stream(self, model: str, shard: int) -> str:
-        return f"{self.prefix}kv:{{{model}:{shard}}}"
+        return self._shard("kv", model, shard)
 
     def kv_streams(self, model: str) -> list[str]:
         """Every KV-event stream of a pool, in shard order."""
@@ -103,7 +107,7 @@ class Keys:
         return f"{self.prefix}session:{model}:{tenant}:{session}"
 
     def index_stream(self, model: str, shard: int) -> str:
-        return f"{self.prefix}idx:{{{model}:{shard}}}"
+        return self._shard("idx", model, shard)
 
     def index_streams(self, model: str) -> list[str]:
         return [self.index_stream(model, shard) for shard in range(KV_STREAM_SHARDS)]

@@ -157,6 +157,8 @@ class KVFollower:
             else:
                 await self._load_new_workers(client, name, pool, view)
         batches = await self._reader.read(client)
+        if not batches:
+            return False
         pool_of = {stream: name for name in pools for stream in self._keys.kv_streams(name)}
         for stream, entries in batches:
             name = pool_of.get(stream, "")
@@ -178,7 +180,7 @@ class KVFollower:
             if len(entries) >= _COUNT and await self._reader.trimmed_past(client, stream):
                 log.warning("KV follower of %s fell behind the stream's trimming", name)
                 await self._resync(client, name, *pools[name])
-        return bool(batches)
+        return True
 
     def _apply(self, index: PreciseIndex, mapping: dict[str, str], fields: Any) -> int:
         """Apply one entry; the block events it held (a clear counts one)."""

@@ -63,11 +63,8 @@ async def test_inserts_naming_a_worker_this_replica_does_not_know_are_ignored(
 ) -> None:
     import redis.asyncio as aioredis
 
-    from router.http.context import STATE
-    from router.routing.hybrid import HybridCost
     from router.serve import start_gateway
     from router.state.keys import Keys
-    from tests.conftest import MODEL
 
     (worker,) = await sims(1)
     runner, _ = await start_gateway(gateway_config([worker.url], state=_state(redis_url)))
