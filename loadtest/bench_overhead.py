@@ -8,7 +8,9 @@ with its defaults (hybrid routing, metrics, one access-log line per request), an
 each target and rate it reports E2E and TTFT added over direct (p50/p99), the router's CPU per
 request (from /proc), errors, and the achieved rate; and per target the highest rate it
 sustained (at most 0.5% errors, at least 95% of the offered rate, E2E p99 at most 100 ms).
-`--repeat N` runs it all N times and reports the medians.
+`--repeat N` runs it all N times and reports the medians. `--profile DIR` samples the gateway
+and the plain proxy with py-spy during each of their phases (`DIR/<target>-<rate>.txt`, collapsed
+stacks for a flame graph; `py-spy` is in the bench extra).
 """
 
 from __future__ import annotations
@@ -16,10 +18,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import shutil
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import aiohttp
 import uvloop
@@ -38,6 +43,7 @@ from loadtest.stats import percentile, print_table, write_json
 
 MODEL = "bench-llm"
 Table = dict[tuple[str, float], dict[str, float]]
+PROFILED = ("plain-proxy", "prefix-router")
 SUSTAINED = {"max_error_share": 0.005, "min_achieved_share": 0.95, "max_e2e_p99_ms": 100.0}
 
 
@@ -196,7 +202,10 @@ async def _main(args: argparse.Namespace) -> int:
                 direct = await run_phase(targets[0], rate, args.duration, args.max_tokens)
                 runs.setdefault(("direct", rate), []).append(_row(direct, direct, rate))
                 for target in targets[1:]:
+                    profiler = _profile(args, target, rate)
                     phase = await run_phase(target, rate, args.duration, args.max_tokens)
+                    if profiler is not None:
+                        profiler.wait()
                     runs.setdefault((target.name, rate), []).append(_row(phase, direct, rate))
         table = {key: _medians(rows) for key, rows in runs.items()}
         _print(args, targets, table)
@@ -211,6 +220,21 @@ async def _main(args: argparse.Namespace) -> int:
         return 0
     finally:
         fleet.stop()
+
+
+def _profile(
+    args: argparse.Namespace, target: Target, rate: float
+) -> subprocess.Popen[bytes] | None:
+    """py-spy sampling the gateway or the plain proxy for the phase about to run (with
+    `--profile`; the two Python targets, so their profiles can be compared)."""
+    if args.profile is None or target.name not in PROFILED or target.pid is None:
+        return None
+    py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    out = Path(args.profile) / f"{target.name}-{rate:g}.txt"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    command = [py_spy, "record", "--pid", str(target.pid), "--format", "raw", "--rate", "250"]
+    command += ["--duration", str(max(1, int(args.duration))), "--nonblocking", "-o", str(out)]
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def _print(
@@ -251,6 +275,7 @@ def run(argv: list[str] | None = None) -> int:
     parser.add_argument("--router-cmd", action="append", help="an external router (template)")
     parser.add_argument("--router-name", action="append", help="its name in the table")
     parser.add_argument("--json", default="loadtest/results/overhead.json")
+    parser.add_argument("--profile", default=None, help="py-spy the gateway; stacks to this dir")
     args = parser.parse_args(argv)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         return runner.run(_main(args))

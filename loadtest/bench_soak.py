@@ -18,6 +18,7 @@ from collections import Counter
 import aiohttp
 import uvloop
 
+from loadtest.gateway_probe import migration_outcomes
 from loadtest.outcomes import SILENT_TRUNCATION, chat_outcome
 from loadtest.procs import Fleet, Proc, start_gateway_process, start_sim, wait_ready
 from loadtest.stats import print_table, write_json
@@ -85,7 +86,7 @@ async def _main(args: argparse.Namespace) -> int:
         await asyncio.gather(*(wait_ready(s.url, "/health") for s in sims))
         config = {
             "listen": {"host": "127.0.0.1", "port": 0},
-            "log_level": "warning",
+            "log_level": args.log_level,
             "auth": {"enabled": False},
             "health": {"interval_s": 1.0, "timeout_s": 1.0},
             "timeouts": {"connect_s": 1, "first_byte_s": 3, "idle_s": 3, "total_s": 60},
@@ -120,6 +121,7 @@ async def _main(args: argparse.Namespace) -> int:
             stop.set()
             await asyncio.gather(*tasks)
         restarts = await restarter
+        migrations = await migration_outcomes(gateway.url)
         fleet.procs[: len(sims)] = sims
         elapsed = time.monotonic() - started
         total = sum(outcomes.values())
@@ -132,7 +134,20 @@ async def _main(args: argparse.Namespace) -> int:
         rows += [[k, v] for k, v in sorted(failures.items())]
         rows.append(["silent truncations", outcomes[SILENT_TRUNCATION]])
         print_table(["outcome", "count"], rows)
-        write_json(args.json, {"seconds": elapsed, "restarts": restarts, "outcomes": outcomes})
+        # What became of every broken stream: "migrated", or why not ("limit": it broke more
+        # often than the pool's `migrations`; "failed": no other worker gave a first byte).
+        print_table(
+            ["broken stream", "count"], [[k, int(v)] for k, v in sorted(migrations.items())]
+        )
+        write_json(
+            args.json,
+            {
+                "seconds": elapsed,
+                "restarts": restarts,
+                "outcomes": outcomes,
+                "migrations": migrations,
+            },
+        )
         return 1 if outcomes[SILENT_TRUNCATION] else 0
     finally:
         fleet.stop()
@@ -146,6 +161,9 @@ def run(argv: list[str] | None = None) -> int:
     parser.add_argument("--fault-prob", type=float, default=0.02)
     parser.add_argument("--restart-every-s", type=float, default=30.0)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--log-level", default="warning", help="the gateway's (info logs every migration)"
+    )
     parser.add_argument("--json", default="loadtest/results/soak.json")
     args = parser.parse_args(argv)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:

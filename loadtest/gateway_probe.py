@@ -84,3 +84,8 @@ def bucket_quantile(before: dict[float, float], after: dict[float, float], q: fl
 
 async def decision_reasons(url: str) -> dict[str, float]:
     return await _summed_by_label(url, "prefix_router_routing_decisions_total", "reason")
+
+
+async def migration_outcomes(url: str) -> dict[str, float]:
+    """A gateway's broken streams so far, by what became of them (migrated, or the reason)."""
+    return await _summed_by_label(url, "prefix_router_stream_migrations_total", "outcome")
