@@ -7,19 +7,30 @@ from __future__ import annotations
 
 import json
 import logging
-import logging.handlers
 import sys
 import time
 from collections import OrderedDict
+from typing import TextIO
 
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message"}
 
 
 class JsonFormatter(logging.Formatter):
+    def __init__(self) -> None:
+        super().__init__()
+        self._second = -1
+        self._stamp = ""
+
+    def _ts(self, created: float) -> str:
+        second = int(created)
+        if second != self._second:  # strftime once a second, not once a line
+            self._second = second
+            self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        return f"{self._stamp}.{int((created - second) * 1000):03d}Z"
+
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, object] = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            + f".{int(record.msecs):03d}Z",
+            "ts": self._ts(record.created),
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": record.getMessage(),
@@ -35,22 +46,45 @@ class JsonFormatter(logging.Formatter):
 FLUSH_EVERY_S = 0.25
 """How long a buffered line may wait: the gateway's flush loop (serve.py) and any record a
 quarter second after the last flush write the buffer out."""
+BATCH_LINES = 256
 
 
-class BatchedHandler(logging.handlers.MemoryHandler):
-    """Lines go out in batches (one write for up to 256 of them, not one syscall a request):
-    at once for warnings and errors, else when the buffer fills or FLUSH_EVERY_S passed."""
+class BatchedHandler(logging.Handler):
+    """Lines go out in batches, one write for up to BATCH_LINES of them (not a write and a
+    flush a line, as a StreamHandler does): at once for warnings and errors, else when the
+    batch is full or FLUSH_EVERY_S passed. Each record is formatted when it is logged, so a
+    batch holds strings, not the records' arguments."""
 
-    def __init__(self, target: logging.Handler) -> None:
-        super().__init__(capacity=256, flushLevel=logging.WARNING, target=target)
+    def __init__(self, stream: TextIO, formatter: logging.Formatter | None = None) -> None:
+        super().__init__()
+        self.stream = stream
+        self.setFormatter(formatter or JsonFormatter())
+        self._lines: list[str] = []
         self._flushed_at = time.monotonic()
 
-    def shouldFlush(self, record: logging.LogRecord) -> bool:
-        return super().shouldFlush(record) or (time.monotonic() - self._flushed_at >= FLUSH_EVERY_S)
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self._lines.append(self.format(record))
+        except Exception:  # logging's own contract: report, never raise
+            self.handleError(record)
+            return
+        if (
+            record.levelno >= logging.WARNING
+            or len(self._lines) >= BATCH_LINES
+            or time.monotonic() - self._flushed_at >= FLUSH_EVERY_S
+        ):
+            self.flush()
 
     def flush(self) -> None:
         self._flushed_at = time.monotonic()
-        super().flush()
+        lines, self._lines = self._lines, []
+        if not lines:
+            return
+        try:
+            self.stream.write("\n".join(lines) + "\n")
+            self.stream.flush()
+        except (OSError, ValueError):
+            pass  # stderr closed or full: losing log lines must not fail requests
 
 
 def flush_logs() -> None:
@@ -59,10 +93,14 @@ def flush_logs() -> None:
 
 
 def setup_logging(level: str) -> None:
-    stream = logging.StreamHandler(sys.stderr)
-    stream.setFormatter(JsonFormatter())
+    # The logging HOWTO's "Optimization": no caller lookup, thread or process names per
+    # record; a JSON line never shows them.
+    logging._srcfile = None  # documented switch, no public API
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     root = logging.getLogger()
-    root.handlers[:] = [BatchedHandler(stream)]
+    root.handlers[:] = [BatchedHandler(sys.stderr)]
     set_log_level(level)
     # aiohttp's own access log duplicates ours.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)

@@ -4,15 +4,16 @@ The hybrid cost model prices a request on a worker as fixed latency + prefill to
 its first token / prefill rate + running sequences x decode cost. The YAML gives the prior; each
 streamed answer gives one sample: the prefill tokens that had to run first (the worker's backlog
 at dispatch plus this prompt's uncached tokens, as the worker reported them), the sequences
-running at dispatch, and the TTFT the gateway saw. Every `refit_every` samples a least-squares
-fit over the last `window` samples (bounded memory) is refitted, once more without the samples
-whose residual exceeds three median absolute deviations (a GC pause or a stalled step must not
-move the rates), then clamped to a factor of the prior and blended with it by sample count, so
-the first few samples cannot swing routing. A worker takes the median of the pool's fitted
-workers unless its own values differ from it by more than `deadband` (a quarter):
-identical workers whose fits differ by noise alone must look identical, or every cold prompt
-goes to whichever fit came out fastest (measured: imbalance 3.2, all cold prompts on two of
-eight workers). A worker on a different GPU differs by far more and gets its own numbers.
+running at dispatch, and the TTFT the gateway saw. Every `refit_every` samples (a quarter window
+once the window is full) a least-squares fit over the last `window` samples (bounded memory) is
+refitted, once more without the samples whose residual exceeds three median absolute deviations
+(a GC pause or a stalled step must not move the rates), then clamped to a factor of the prior
+and blended with it by sample count, so the first few samples cannot swing routing. A worker
+takes the median of the pool's fitted workers unless its own values differ from it by more than
+`deadband` (a quarter): identical workers whose fits differ by noise alone must look identical,
+or every cold prompt goes to whichever fit came out fastest (measured: imbalance 3.2, all cold
+prompts on two of eight workers). A worker on a different GPU differs by far more and gets its
+own numbers.
 """
 
 from __future__ import annotations
@@ -70,7 +71,10 @@ class LearnedRates:
             samples = self._workers[worker_id] = _Samples(deque(maxlen=self.window))
         samples.rows.append((float(prefill_tokens), float(running), ttft_s))
         samples.pending += 1
-        if samples.pending >= self.refit_every:
+        # A worker with a full window is refitted a quarter as often: each fit is over the
+        # whole window, and a settled worker moves slowly (the fit was 1.5% of gateway CPU).
+        every = self.refit_every if len(samples.rows) < self.window else self.window // 4
+        if samples.pending >= every:
             samples.pending = 0
             self._refit(samples)
             self._update_medians()

@@ -3,7 +3,7 @@
 vLLM caches the KV of generated tokens as well as the prompt's, so the next turn of a
 conversation (its history plus this answer) is cached on the worker that answered. The relay
 hands each block of complete events it forwarded to `AnswerBytes`, which keeps only the text
-(one regular expression over the block instead of a JSON parse per event, up to a bound; longer
+(one regular expression over the events instead of a JSON parse per event, up to a bound; longer
 answers are not indexed) and decodes it once, when the answer ended.
 """
 
@@ -20,36 +20,59 @@ MAX_ANSWER_BYTES = 256 * 1024
 _TEXT = re.compile(rb'"(?:content|text)":"((?:[^"\\]|\\.)*)"')
 
 
+COMPACT_AT = 64 * 1024
+"""Raw event bytes kept before their text is extracted: most answers end below it, so they are
+searched once, at the end, not once per relayed block."""
+
+
 class AnswerBytes:
     """The text pieces of one streamed answer, bounded. The relay hands over blocks of whole
-    events, so each block is searched once and only the (still escaped) text is kept: memory
-    grows with the answer's text, not with its event framing."""
+    events; they are kept as they came until COMPACT_AT bytes, then searched in one pass and
+    only the (still escaped) text is kept: memory grows with the answer's text, not with its
+    event framing, and a short answer costs one search."""
 
-    __slots__ = ("_pieces", "_size", "overflowed")
+    __slots__ = ("_pieces", "_raw", "_raw_size", "_size", "_tokens", "overflowed")
 
     def __init__(self) -> None:
+        self._raw: list[bytes] = []
+        self._raw_size = 0
         self._pieces: list[bytes] = []
         self._size = 0
+        self._tokens = 0
         self.overflowed = False
 
-    def add(self, data: bytes) -> int:
-        """Keep the block's text; returns how many events in it carried text (tokens)."""
-        found = _TEXT.findall(data)
-        if not found:
-            return 0
-        pieces = sum(1 for piece in found if piece)
+    def add(self, data: bytes) -> None:
+        self._raw.append(data)
+        self._raw_size += len(data)
+        if self._raw_size > COMPACT_AT:
+            self._compact()
+
+    def _compact(self) -> None:
+        raw = self._raw[0] if len(self._raw) == 1 else b"".join(self._raw)
+        self._raw.clear()
+        self._raw_size = 0
+        found = _TEXT.findall(raw)
+        self._tokens += sum(1 for piece in found if piece)
         if self.overflowed:
-            return pieces
+            return
         self._size += sum(map(len, found))
         if self._size > MAX_ANSWER_BYTES:
             self.overflowed = True
             self._pieces.clear()
-            return pieces
+            return
         self._pieces.extend(found)
-        return pieces
+
+    @property
+    def tokens(self) -> int:
+        """Events that carried text: vLLM streams one per generated token."""
+        if self._raw:
+            self._compact()
+        return self._tokens
 
     def text(self) -> str | None:
         """The answer's text, or None when it was too long to keep or unreadable."""
+        if self._raw:
+            self._compact()
         if self.overflowed:
             return None
         try:

@@ -1,7 +1,7 @@
 """Continuing a stream whose worker broke: what the client has, what to ask next, and the seam.
 
 A `Transcript` follows what the client received of a stream (the text, the tokens, the stream's
-`id`, `created` and `model`), one regular expression per block of events, never a JSON parse.
+`id`, `created` and `model`), by regular expressions over the events, never a JSON parse.
 `continuation_body` turns the original request and the transcript into the request that asks
 another worker for the rest: for `/v1/chat/completions` the messages plus one assistant message
 holding the partial answer, with vLLM's `continue_final_message: true` and
@@ -53,12 +53,10 @@ def refusal(body: dict[str, Any], kind: Kind) -> str | None:
 class Transcript:
     """What the client received of one stream, over every segment."""
 
-    __slots__ = ("_text", "identity", "tokens", "tool_calls")
+    __slots__ = ("_text", "identity", "tool_calls")
 
     def __init__(self) -> None:
         self._text = AnswerBytes()
-        self.tokens = 0
-        """Events that carried text: vLLM streams one per generated token."""
         self.tool_calls = False
         self.identity: tuple[bytes, bytes, bytes] | None = None
         """The stream's id, created and model, as the first event gave them (JSON-escaped)."""
@@ -69,9 +67,14 @@ class Transcript:
             id_, created, model = found
             if id_ is not None and created is not None and model is not None:
                 self.identity = (id_.group(1), created.group(1), model.group(1))
-        self.tokens += self._text.add(data)
+        self._text.add(data)
         if not self.tool_calls and b'"tool_calls"' in data:
             self.tool_calls = True
+
+    @property
+    def tokens(self) -> int:
+        """Events that carried text: vLLM streams one per generated token."""
+        return self._text.tokens
 
     def text(self) -> str | None:
         return self._text.text()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import re
 
 import aiohttp
 import pytest
@@ -68,6 +69,7 @@ async def test_access_log_fields_and_request_ids(
 
     line = json.loads(JsonFormatter().format(records[0]))
     assert line["request_id"] == "trace-1" and line["tenant"] == "team-a"
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", line["ts"])
     assert KEY not in caplog.text
 
 
@@ -79,8 +81,8 @@ def test_log_level_comes_from_the_routing_yaml() -> None:
         setup_logging(config.log_level)
         assert root.level == logging.WARNING
         (handler,) = root.handlers
-        assert isinstance(handler, BatchedHandler) and handler.target is not None
-        assert isinstance(handler.target.formatter, JsonFormatter)
+        assert isinstance(handler, BatchedHandler)
+        assert isinstance(handler.formatter, JsonFormatter)
     finally:
         root.handlers[:], level = saved
         root.setLevel(level)
@@ -126,8 +128,7 @@ async def test_a_client_that_hangs_up_is_a_499_before_and_after_the_first_byte(
 
 def test_log_lines_go_out_in_batches_and_warnings_at_once() -> None:
     stream = io.StringIO()
-    target = logging.StreamHandler(stream)
-    handler = BatchedHandler(target)
+    handler = BatchedHandler(stream, logging.Formatter())
     logger = logging.getLogger("prefix_router.test_batches")
     logger.propagate = False
     logger.addHandler(handler)

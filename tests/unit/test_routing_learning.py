@@ -151,6 +151,7 @@ def test_answer_text_from_events_and_bodies() -> None:
     answer.add(b'data: {"choices":[{"delta":{"content":"lo \\"you\\"\\n\\u00e9"}}]}\n\n')
     answer.add(b"data: [DONE]\n\n")
     assert answer.text() == 'Hello "you"\n\u00e9'
+    assert answer.tokens == 2  # the role chunk's empty content is no token
     completions = AnswerBytes()
     completions.add(b'data: {"choices":[{"text":"a b","index":0}]}\n\n')
     assert completions.text() == "a b"
@@ -161,6 +162,7 @@ def test_answer_text_from_events_and_bodies() -> None:
     for _ in range(100):
         huge.add(b'data: {"choices":[{"delta":{"content":"' + b"x" * 4096 + b'"}}]}\n\n')
     assert huge.text() is None  # over the bound: not indexed, and not kept
+    assert huge.tokens == 100  # but still counted, for a migration's token limits
 
 
 def test_other_replicas_load_from_worker_reports_steers_new_prompts() -> None:
