@@ -82,7 +82,8 @@ class RetryConfig(Strict):
         description="send a request to another worker when the one that accepted it sent no "
         "first event in first_byte_s (streamed) or no answer in generation_s (non-streamed); "
         "off by default because that worker may still be generating, so a retry doubles the "
-        "GPU work and a slow answer becomes three",
+        "GPU work and a slow answer becomes three. A migrated stream's continuation is retried "
+        "either way: its client already holds half the answer",
     )
 
 

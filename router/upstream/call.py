@@ -56,6 +56,10 @@ class UpstreamCall:
     prefill's count, not the transferred KV the decode worker counts as cached)."""
     params_single_use: bool = False
     """A failure the worker saw spends the body (P/D transfer params): no retry with it."""
+    retry_silence: bool = False
+    """A worker silent past `first_byte_s` is retried elsewhere even when the config does not
+    retry first-byte timeouts (a continuation: the client holds half an answer, and closing
+    the silent worker's connection cancels its request, so no GPU runs it twice)."""
 
 
 @dataclass(slots=True)

@@ -97,6 +97,7 @@ class Migrator:
             stage=None,
             cached_override=None,
             params_single_use=False,
+            retry_silence=True,
         )
         self._in_flight[pool.name] = self._in_flight.get(pool.name, 0) + 1
         try:

@@ -226,7 +226,7 @@ class Relay:
                 if head.status != 200:
                     await self._upstream_error(conn, head, worker, result)
                 if call.stream:
-                    first = await self._first_chunk(conn, deadline)
+                    first = await self._first_chunk(conn, call, deadline)
                     dispatch.first_byte()
                     self._stamp(result)
                     return Answer(
@@ -295,7 +295,7 @@ class Relay:
         return AttemptFailed(
             cause,
             UpstreamTimeout(f"worker {worker.id} did not answer in time"),
-            retryable=self._retries.retry_on_first_byte_timeout,
+            retryable=self._retries.retry_on_first_byte_timeout or call.retry_silence,
         )
 
     async def _send(self, worker: Worker, call: UpstreamCall) -> Connection:
@@ -343,14 +343,14 @@ class Relay:
                 "connect", UpstreamFailed(f"worker {worker.id} unreachable: {exc}"), unseen=True
             ) from None
 
-    async def _first_chunk(self, conn: Connection, deadline: float) -> bytes:
+    async def _first_chunk(self, conn: Connection, call: UpstreamCall, deadline: float) -> bytes:
         try:
             first = await conn.read(deadline)
         except TimeoutError:
             raise AttemptFailed(
                 "first_byte_timeout",
                 UpstreamTimeout("worker sent no first token in time"),
-                retryable=self._retries.retry_on_first_byte_timeout,
+                retryable=self._retries.retry_on_first_byte_timeout or call.retry_silence,
             ) from None
         except ConnectionError as exc:
             raise AttemptFailed(

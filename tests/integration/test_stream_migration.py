@@ -129,6 +129,34 @@ async def test_a_stream_that_keeps_breaking_ends_with_the_error_event_after_the_
     }
 
 
+async def test_a_continuation_whose_worker_stays_silent_is_retried_on_another(
+    sims: SimFactory, gateway: GatewayFactory, http: aiohttp.ClientSession
+) -> None:
+    # First-byte timeouts are not retried by default (a slow answer must not cost two GPUs),
+    # but a continuation's client already holds half an answer: a silent worker there is
+    # given up and the next one asked.
+    dying, silent, healthy = await sims(3)
+    reference, _ = await _reference(http, healthy.url, _chat())
+    # Round robin: the request takes the first worker, its continuation the second of the
+    # two left (the silent one), the retry the healthy one.
+    config = gateway_config(
+        [dying.url, healthy.url, silent.url], pool=ROUND_ROBIN, timeouts={"first_byte_s": 0.5}
+    )
+    assert not config.retries.retry_on_first_byte_timeout
+    url = await gateway(config)
+    await _die(http, dying.url, after=3)
+    fault = {"kind": "hang_before_first_byte", "count": 1}
+    async with http.post(silent.url + "/sim/faults", json=fault) as resp:
+        assert resp.status == 200
+    async with http.post(url + "/v1/chat/completions", json=_chat()) as resp:
+        events, done = await read_events(resp)
+    assert done and not any("error" in e for e in events)
+    assert _text(events) == _text(reference)
+    assert await _migrations(http, url) == {("stream_broken", "migrated"): 1.0}
+    async with http.get(silent.url + "/sim/counters") as resp:
+        assert int((await resp.json())["aborted"]) == 1  # the silent worker was asked, and let go
+
+
 async def test_a_request_that_cannot_be_continued_faithfully_ends_with_the_error_event(
     sims: SimFactory, gateway: GatewayFactory, http: aiohttp.ClientSession
 ) -> None:
