@@ -35,12 +35,12 @@ from router.state.redis_state import RedisState
 from router.supervisor import Supervisor
 from router.upstream.dispatch import Dispatcher
 from router.upstream.health import HealthChecker
-from router.upstream.http1 import UpstreamClient
 from router.upstream.load_scrape import LoadScraper
 from router.upstream.lora_loader import AdapterLoader
 from router.upstream.migration import Migrator
 from router.upstream.outlier import OutlierDetector
 from router.upstream.relay import Relay
+from router.upstream.upstream_pool import UpstreamClient
 
 SUPERVISOR = web.AppKey("supervisor", Supervisor)
 

@@ -13,18 +13,19 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
 
 from router.domain.policy import Decision
-from router.metrics import GatewayMetrics
+from router.metrics import GatewayMetrics, ModelSeries
 from router.result_cache import render_body, render_stream
-from router.upstream.call import UpstreamCall
+from router.upstream.call import CallResult, UpstreamCall
 from router.upstream.dispatch import Dispatcher
 from router.upstream.migration import Migrator
-from router.upstream.relay import Answer, StreamBroken
 from router.upstream.sse import error_event
+from router.upstream.stream import Answer, StreamBroken
 
 _JSON = "application/json"
 
@@ -50,23 +51,23 @@ async def stream_response(
     response.content_type = "text/event-stream"
     response.headers["Cache-Control"] = "no-cache"
     decorate(response, call, answer.decision)
-    await response.prepare(request)
-    gaps = metrics.model(call.pool.name).inter_token
-    last_write = 0.0
+    writer = await response.prepare(request)
+    assert writer is not None and request.transport is not None
+    sink = _ClientStream(request.transport, writer, response, metrics.model(call.pool.name))
     first = answer
     scope = asyncio.timeout_at(deadline)
     try:
         async with scope:
             while True:
                 try:
-                    while (block := await answer.next_block()) is not None:
+                    if not result.first_write_at:
+                        # aiohttp writes the head with the first block, in one write.
+                        block = await answer.next_block()
+                        if block is None:
+                            break
                         await response.write(block)
-                        now = time.perf_counter()
-                        if last_write:
-                            gaps.observe(now - last_write)
-                        else:
-                            result.first_write_at = now
-                        last_write = now
+                        sink.first_written(result)
+                    await answer.pump(sink)
                     break
                 except StreamBroken as exc:
                     # The worker broke: book it, then let another one continue the answer.
@@ -92,6 +93,48 @@ async def stream_response(
     with contextlib.suppress(ConnectionError):
         await response.write_eof()
     return response
+
+
+class _ClientStream:
+    """The client's side of a pumped stream: each block written to its transport at once, as
+    an HTTP/1.1 chunk (aiohttp's writer sent the head and the first block, and its `write_eof`
+    sends the last chunk); an HTTP/1.0 client's body is not chunked but ends with the
+    connection. Each write also times the gap since the last one."""
+
+    __slots__ = ("_chunked", "_gaps", "_high", "_last", "_transport", "_writer")
+
+    def __init__(
+        self,
+        transport: asyncio.BaseTransport,
+        writer: AbstractStreamWriter,
+        response: web.StreamResponse,
+        metrics: ModelSeries,
+    ) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self._transport = cast(asyncio.Transport, transport)
+        self._writer = writer
+        self._chunked = response.headers.get("Transfer-Encoding", "").lower() == "chunked"
+        self._gaps = metrics.inter_token
+        self._high = self._transport.get_write_buffer_limits()[1]
+        self._last = 0.0
+
+    def first_written(self, result: CallResult) -> None:
+        self._last = result.first_write_at = time.perf_counter()
+
+    def write(self, block: bytes) -> None:
+        transport = self._transport
+        if transport.is_closing():
+            raise ConnectionResetError("the client went away")
+        transport.write(b"%x\r\n%b\r\n" % (len(block), block) if self._chunked else block)
+        now = time.perf_counter()
+        self._gaps.observe(now - self._last)
+        self._last = now
+
+    def full(self) -> bool:
+        return self._transport.get_write_buffer_size() > self._high
+
+    async def drain(self) -> None:
+        await self._writer.drain()
 
 
 async def _end_broken(

@@ -32,7 +32,7 @@ from router.domain.worker import Worker
 from router.errors import GatewayError
 from router.metrics import GatewayMetrics
 from router.upstream.call import CallResult, UpstreamCall
-from router.upstream.relay import Answer
+from router.upstream.stream import Answer
 
 Dispatch = Callable[[UpstreamCall, CallResult, float, "set[Worker] | None"], Awaitable[Answer]]
 

@@ -24,7 +24,8 @@ from router.routing.key import extend_key
 from router.upstream.call import CallResult, UpstreamCall
 from router.upstream.disaggregation import Disaggregation, ParamsSpent
 from router.upstream.outlier import OutlierDetector
-from router.upstream.relay import Answer, AttemptFailed, Relay
+from router.upstream.relay import AttemptFailed, Relay
+from router.upstream.stream import Answer
 
 log = logging.getLogger("prefix_router.dispatch")
 

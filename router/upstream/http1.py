@@ -19,13 +19,11 @@ from __future__ import annotations
 import asyncio
 import collections
 import socket
-import ssl
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import cast
 
 import httptools
-
-from router.config.endpoint import Endpoint, parse_endpoint
 
 _MAX_OVERHEAD_BYTES = 64 * 1024
 """Bytes the worker may send without any progress of the response (a head, a chunk-size line, a
@@ -82,6 +80,11 @@ class Connection(asyncio.Protocol):
         self.used = 0
         self.received_any = False
         self.idle_since = 0.0
+        self.sink: Callable[[bytes], None] | None = None
+        """Set while a stream is pumped: body bytes go to it from `data_received` (which then
+        wakes the reader only when the response ended or failed), not to a reader's `read`."""
+        self.last_data_at = 0.0
+        """Loop time of the last bytes received."""
 
     # -- asyncio.Protocol ---------------------------------------------------------------------
 
@@ -107,6 +110,7 @@ class Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.received_any = True
+        self.last_data_at = self._loop.time()
         if self._state not in ("head", "body", "until_close"):
             # Bytes nobody asked for: the connection is out of step; never reuse it.
             self.reusable = False
@@ -128,10 +132,15 @@ class Connection(asyncio.Protocol):
             self._stalled = 0 if self._progress else self._stalled + len(data)
             if self._stalled > _MAX_OVERHEAD_BYTES and self._state != "eof":
                 self._fail(UpstreamProtocolError("response framing too large"))
+        sink = self.sink
+        if sink is not None:
+            if self._body:
+                sink(self.take_body())
+            if self._state not in ("eof", "closed") and self._error is None:
+                return  # nothing for the pump to wake up for
         self._wake()
-        if self._buffered > _PAUSE_ABOVE_BYTES and not self._paused and self.transport:
-            self._paused = True
-            self.transport.pause_reading()
+        if self._buffered > _PAUSE_ABOVE_BYTES:
+            self.pause_reading()
 
     def _fail(self, error: UpstreamProtocolError) -> None:
         self._error = error
@@ -243,16 +252,50 @@ class Connection(asyncio.Protocol):
             if self._state == "closed":
                 raise UpstreamClosed("worker closed the connection mid-response")
             await self._wait(deadline)
-        if len(self._body) == 1:
-            data = self._body.popleft()
-        else:
-            data = b"".join(self._body)
-            self._body.clear()
+        data = self.take_body()
+        self.resume_reading()
+        return data
+
+    def take_body(self) -> bytes:
+        """Whatever body bytes are buffered (b"" if none), without waiting."""
+        if not self._body:
+            return b""
+        data = self._body.popleft() if len(self._body) == 1 else b"".join(self._body)
+        self._body.clear()
         self._buffered = 0
+        return data
+
+    async def wait_event(self, deadline: float | None) -> None:
+        """For a pumped stream: until the response ended, failed (raises, as `read`), or
+        `interrupt()` was called; TimeoutError at `deadline`."""
+        self._raise_if_failed()
+        if self._state != "eof":
+            await self._wait(deadline)
+            self._raise_if_failed()
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise self._error
+        if self._state == "closed":
+            raise UpstreamClosed("worker closed the connection mid-response")
+
+    def interrupt(self) -> None:
+        """Wake whoever waits on this connection (the pump's sink failed or filled up)."""
+        self._wake()
+
+    @property
+    def reading_paused(self) -> bool:
+        return self._paused
+
+    def pause_reading(self) -> None:
+        if not self._paused and self.transport is not None:
+            self._paused = True
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
         if self._paused and self.transport is not None:
             self._paused = False
             self.transport.resume_reading()
-        return data
 
     @property
     def finished(self) -> bool:
@@ -267,111 +310,6 @@ class Connection(asyncio.Protocol):
 def _expire(waiter: asyncio.Future[None]) -> None:
     if not waiter.done():
         waiter.set_exception(TimeoutError())
-
-
-@dataclass(eq=False)
-class HostPool:
-    endpoint: Endpoint
-    ssl: ssl.SSLContext | None = None
-    idle: list[Connection] = field(default_factory=list)
-
-
-class UpstreamClient:
-    """Keep-alive connection pools, one per worker base URL."""
-
-    def __init__(self, max_idle_per_host: int = 256, keepalive_s: float = 4.0) -> None:
-        self._pools: dict[str, HostPool] = {}
-        self._max_idle = max_idle_per_host
-        self.keepalive_s = keepalive_s
-        """Idle connections older than this are closed, not reused: below the worker's own
-        keep-alive timeout (uvicorn's, so vLLM's, is 5 s), a connection is never reused at the
-        moment the worker closes it, which would lose a request already written."""
-        self._closed = False
-
-    def _pool(
-        self, base_url: str, endpoint: Endpoint | None, context: ssl.SSLContext | None
-    ) -> HostPool:
-        pool = self._pools.get(base_url)
-        if pool is None:
-            pool = HostPool(endpoint or parse_endpoint(base_url), context)
-            self._pools[base_url] = pool
-        elif context is not pool.ssl:
-            # A reload built a new TLS context: connections made with the old one go.
-            for conn in pool.idle:
-                conn.close()
-            pool.idle.clear()
-            pool.ssl = context
-        return pool
-
-    async def connect(
-        self,
-        base_url: str,
-        timeout_s: float,
-        fresh: bool = False,
-        *,
-        endpoint: Endpoint | None = None,
-        context: ssl.SSLContext | None = None,
-    ) -> Connection:
-        """A ready connection: an idle pooled one if any (unless `fresh`), else a new one,
-        over TLS when the worker's URL is https:// (`context` from its pool's config)."""
-        pool = self._pool(base_url, endpoint, context)
-        loop = asyncio.get_running_loop()
-        oldest = loop.time() - self.keepalive_s
-        while pool.idle and not fresh:
-            conn = pool.idle.pop()
-            if conn.idle_since < oldest:
-                # The last one pushed is the newest: every other idle one is older still.
-                for stale in (conn, *pool.idle):
-                    stale.close()
-                pool.idle.clear()
-                break
-            if conn.reusable and conn.transport is not None and not conn.transport.is_closing():
-                return conn
-            conn.close()  # bytes arrived while it sat idle, or it closed: out of step
-        target = pool.endpoint
-        tls = pool.ssl if target.tls else None
-        if target.tls and tls is None:
-            tls = ssl.create_default_context()
-        async with asyncio.timeout(timeout_s):
-            _, protocol = await loop.create_connection(
-                lambda: Connection(loop),
-                target.host,
-                target.port,
-                ssl=tls,
-                server_hostname=target.host if tls is not None else None,
-            )
-        return protocol
-
-    def release(self, base_url: str, conn: Connection) -> None:
-        """Return a connection after its response was read to the end; close it otherwise."""
-        pool = self._pools.get(base_url)
-        if (
-            self._closed
-            or pool is None
-            or not conn.reusable
-            or not conn.finished
-            or conn.transport is None
-            or conn.transport.is_closing()
-            or len(pool.idle) >= self._max_idle
-        ):
-            conn.close()
-            return
-        conn._state = "idle"
-        conn.idle_since = asyncio.get_running_loop().time()
-        pool.idle.append(conn)
-
-    def forget(self, base_url: str) -> None:
-        pool = self._pools.pop(base_url, None)
-        if pool is not None:
-            for conn in pool.idle:
-                conn.close()
-
-    def close(self) -> None:
-        self._closed = True
-        for pool in self._pools.values():
-            for conn in pool.idle:
-                conn.close()
-        self._pools.clear()
 
 
 def format_request(path: str, host: str, body: bytes, headers: dict[str, str]) -> bytes:

@@ -23,7 +23,7 @@ from router.metrics import GatewayMetrics
 from router.routing.key import routing_key
 from router.upstream.continuation import SeamRewriter, continuation_body
 from router.upstream.dispatch import Dispatcher
-from router.upstream.relay import Answer
+from router.upstream.stream import Answer
 
 log = logging.getLogger("prefix_router.migration")
 

@@ -3,10 +3,9 @@
 `Relay.attempt` sends the request and waits for the worker's first byte: the whole body of a
 non-streamed answer (vLLM sends its head only once the answer is complete), or the first body
 chunk of a stream. Anything that goes wrong until then raises `AttemptFailed`, which the
-dispatcher may retry elsewhere: nothing has reached the client yet. A stream's later blocks come
-from `Answer.next_block`, cut at event boundaries so an error event written after a break never
-lands inside a half-written one; a break raises `StreamBroken`. Nothing here knows the client's
-HTTP response: the HTTP layer writes what the answer yields.
+dispatcher may retry elsewhere: nothing has reached the client yet. The answer from there on is
+`stream.Answer`'s. Nothing here knows the client's HTTP response: the HTTP layer writes what the
+answer yields.
 """
 
 from __future__ import annotations
@@ -16,26 +15,23 @@ import json
 import logging
 import ssl
 import time
-from collections.abc import Callable
 
 from prometheus_client import Counter
 
 from router.config import RetryConfig, TimeoutsConfig
 from router.domain.policy import Decision
-from router.domain.worker import Dispatch, Worker
+from router.domain.worker import Worker
 from router.errors import GatewayError, UpstreamFailed, UpstreamTimeout
-from router.upstream.answer import AnswerBytes, answer_of
+from router.upstream.answer import answer_of
 from router.upstream.call import CallResult, UpstreamCall
-from router.upstream.continuation import Transcript
-from router.upstream.http1 import Connection, Head, UpstreamClient, format_request
-from router.upstream.sse import DONE, EVENT_END, patch_cached, split_usage_event, usage_from
+from router.upstream.http1 import Connection, Head, format_request
+from router.upstream.sse import patch_cached, usage_from
+from router.upstream.stream import Answer
+from router.upstream.upstream_pool import UpstreamClient
 
 log = logging.getLogger("prefix_router.relay")
 
 RETRYABLE_STATUSES = frozenset({502, 503, 504})
-MAX_EVENT_BYTES = 1 << 20
-"""The longest server-sent event a worker may send (a streamed delta is a few hundred bytes):
-a worker that streams without event boundaries is cut off, not buffered."""
 _JSON = "application/json"
 
 
@@ -53,14 +49,6 @@ class AttemptFailed(Exception):
         """The worker never saw the request (no connection): trying the next one is free."""
 
 
-class StreamBroken(Exception):
-    """The worker's stream ended before its `[DONE]`: reset, idle too long, or cut short."""
-
-    def __init__(self, cause: str) -> None:
-        super().__init__(cause)
-        self.cause = cause
-
-
 async def _read_all(conn: Connection, deadline: float) -> bytes:
     parts = []
     while chunk := await conn.read(deadline):
@@ -70,126 +58,6 @@ async def _read_all(conn: Connection, deadline: float) -> bytes:
 
 def _loop_time() -> float:
     return asyncio.get_running_loop().time()
-
-
-class Answer:
-    """One worker's answer, from its first byte on. Closing it (exactly once, on every ending)
-    ends the worker's in-flight count and returns or drops the connection."""
-
-    __slots__ = (
-        "_client",
-        "_conn",
-        "_dispatch",
-        "_idle_s",
-        "_on_close",
-        "_pending",
-        "_text",
-        "body",
-        "call",
-        "decision",
-        "result",
-        "saw_done",
-    )
-
-    def __init__(
-        self,
-        client: UpstreamClient,
-        call: UpstreamCall,
-        decision: Decision,
-        dispatch: Dispatch,
-        result: CallResult,
-        idle_s: float,
-        *,
-        conn: Connection | None = None,
-        first: bytes = b"",
-        body: bytes = b"",
-    ) -> None:
-        self._client = client
-        self.call = call
-        self.decision = decision
-        self._dispatch = dispatch
-        self.result = result
-        self._idle_s = idle_s
-        self._conn = conn
-        self._pending = first
-        """Stream bytes received and not yet passed on (a partial event, or the first chunk)."""
-        self._text: AnswerBytes | Transcript | None = call.transcript
-        if self._text is None and call.collect_answer and conn is not None:
-            self._text = AnswerBytes()
-        self.body = body
-        """A non-streamed answer's complete body."""
-        self.saw_done = False
-        self._on_close: Callable[[], None] | None = None
-
-    @property
-    def worker(self) -> Worker:
-        return self.decision.worker
-
-    def on_close(self, callback: Callable[[], None]) -> None:
-        self._on_close = callback
-
-    async def next_block(self) -> bytes | None:
-        """The next complete events for the client (never empty), or None after `[DONE]` and
-        the end of the body. Usage is read (and dropped unless the client asked for it) and
-        the call's transform applied on the way."""
-        conn = self._conn
-        assert conn is not None, "next_block is for streamed answers"
-        call = self.call
-        while True:
-            data = self._pending
-            if data:
-                if data.endswith(EVENT_END):
-                    self._pending = b""
-                else:
-                    cut = data.rfind(EVENT_END)
-                    if cut >= 0:
-                        data, self._pending = data[: cut + 2], data[cut + 2 :]
-                    else:
-                        data = b""
-                if data:
-                    if b'"usage"' in data:
-                        data, usage, done = split_usage_event(
-                            data, not call.client_wants_usage, call.cached_override
-                        )
-                        if usage is not None and call.usage_offset:
-                            usage.prompt_tokens = max(0, usage.prompt_tokens - call.usage_offset)
-                            usage.completion_tokens += call.usage_offset
-                        self.result.usage = usage or self.result.usage
-                        self.saw_done = self.saw_done or done
-                    elif data.endswith(DONE):
-                        self.saw_done = True
-                    if call.seam is not None:
-                        data = call.seam(data)
-                    if self._text is not None:
-                        self._text.add(data)  # the upstream's OpenAI shape, before transform
-                    if call.transform is not None:
-                        data = call.transform(data)
-                    if data:
-                        return data
-            try:
-                chunk = await conn.read(_loop_time() + self._idle_s)
-            except TimeoutError:
-                raise StreamBroken("idle_timeout") from None
-            except ConnectionError:
-                raise StreamBroken("stream_broken") from None
-            if not chunk:
-                if not self.saw_done:
-                    raise StreamBroken("no_done")
-                if self._text is not None and call.collect_answer:
-                    self.result.answer = self._text.text()
-                return None
-            self._pending = self._pending + chunk if self._pending else chunk
-            if len(self._pending) > MAX_EVENT_BYTES:
-                raise StreamBroken("event_too_large")
-
-    def close(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            self._client.release(self.worker.url, conn)
-        self._dispatch.end()
-        callback, self._on_close = self._on_close, None
-        if callback is not None:
-            callback()
 
 
 class Relay:

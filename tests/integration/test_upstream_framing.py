@@ -262,3 +262,41 @@ async def test_a_connection_that_received_bytes_while_idle_is_not_reused(
         assert resp.status == 200, await resp.text()
     first, second = worker.connections
     assert second != first
+
+
+async def test_a_client_slower_than_its_worker_holds_the_worker_back_not_gateway_memory(
+    scripted: tuple[ScriptedWorker, str], gateway: GatewayFactory, http: aiohttp.ClientSession
+) -> None:
+    worker, url = scripted
+    event = b'data: {"pad":"' + b"z" * 32000 + b'"}\n\n'
+    total = 32 << 20
+    finished = asyncio.Event()
+
+    async def long_stream(worker: ScriptedWorker, writer: asyncio.StreamWriter) -> None:
+        writer.write(OK + b"Transfer-Encoding: chunked\r\n\r\n")
+        while worker.flood_sent < total:
+            writer.write(f"{len(event):x}\r\n".encode() + event + b"\r\n")
+            worker.flood_sent += len(event)
+            await writer.drain()
+        done = b"data: [DONE]\n\n"
+        writer.write(f"{len(done):x}\r\n".encode() + done + b"\r\n0\r\n\r\n")
+        await writer.drain()
+        finished.set()
+        await reader_closed(writer)
+
+    worker.script.append(long_stream)
+    config = gateway_config([url], load_scrape={"enabled": False}, health={"interval_s": 60})
+    gateway_url = await gateway(config)
+    body = chat_body(stream=True)
+    async with http.post(gateway_url + "/v1/chat/completions", json=body) as resp:
+        assert resp.status == 200
+        first = await resp.content.readuntil(b"\n\n")
+        # The client stops reading: the gateway must stop reading the worker too, not hold the
+        # rest of the answer in its memory (the worker could then finish at loopback speed).
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(finished.wait(), 1.5)
+        assert worker.flood_sent < total // 2
+        rest = await resp.content.read()  # the client reads again: the stream resumes
+    assert finished.is_set()
+    assert (first + rest).count(b"data: ") == -(-total // len(event)) + 1
+    assert (first + rest).endswith(b"data: [DONE]\n\n")

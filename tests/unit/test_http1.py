@@ -9,7 +9,8 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from router.upstream.http1 import UpstreamClient, UpstreamProtocolError, format_request
+from router.upstream.http1 import UpstreamProtocolError, format_request
+from router.upstream.upstream_pool import UpstreamClient
 from tests.raw_server import raw_server
 
 
