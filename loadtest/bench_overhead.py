@@ -158,7 +158,7 @@ def _medians(runs: list[dict[str, float]]) -> dict[str, float]:
 
 
 async def _start_targets(args: argparse.Namespace, fleet: Fleet) -> list[Target]:
-    sims = [start_sim(MODEL, ["--time-scale", "0"]) for _ in range(args.workers)]
+    sims = [start_sim(MODEL, ["--time-scale", str(args.time_scale)]) for _ in range(args.workers)]
     fleet.procs.extend(sims)
     await asyncio.gather(*(wait_ready(s.url, "/health") for s in sims))
     urls = [s.url for s in sims]
@@ -244,7 +244,8 @@ def _print(
 ) -> None:
     print(
         f"\noverhead: {args.workers} simulated workers, streamed chat and completions, "
-        f"{args.max_tokens} tokens, {args.duration:.0f}s per rate, medians of {args.repeat} run(s)"
+        f"{args.max_tokens} tokens, worker time scale {args.time_scale:g}, "
+        f"{args.duration:.0f}s per rate, medians of {args.repeat} run(s)"
     )
     rows = []
     for target in targets:
@@ -272,6 +273,12 @@ def run(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--policy", default="hybrid")
+    parser.add_argument(
+        "--time-scale",
+        type=float,
+        default=0.0,
+        help="the workers' pace (0: no model time, tokens come in bursts; 0.2: one by one)",
+    )
     parser.add_argument("--router-cmd", action="append", help="an external router (template)")
     parser.add_argument("--router-name", action="append", help="its name in the table")
     parser.add_argument("--json", default="loadtest/results/overhead.json")
