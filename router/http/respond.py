@@ -88,10 +88,14 @@ async def stream_response(
     finally:
         if answer is not first:
             answer.close()
-    dispatcher.stream_ended(answer)
-    # A client that read [DONE] may hang up before the last chunk: nothing was lost.
-    with contextlib.suppress(ConnectionError):
-        await response.write_eof()
+    # The client's answer ends first, then the books (policy, index, learned rates): the
+    # client's last byte does not wait for them. A client that read [DONE] may hang up before
+    # the last chunk: nothing was lost.
+    try:
+        with contextlib.suppress(ConnectionError):
+            await response.write_eof()
+    finally:
+        dispatcher.stream_ended(answer)
     return response
 
 
