@@ -62,8 +62,24 @@ def split_usage_event(
     Returns the events (without that usage event when `drop`: the client did not ask for it),
     the usage, and whether `[DONE]` was seen. A `cached_tokens` given replaces the usage's
     (a P/D decode step reports the prefill's count).
-    Only called on chunks that mention "usage", so the common path never parses JSON.
+    Only called on chunks that mention "usage", so the common path never parses JSON; when
+    one event does (vLLM's last, without continuous usage stats), only that one is parsed.
     """
+    at = events.find(b'"usage"')
+    if at >= 0 and events.find(b'"usage"', at + 7) < 0:
+        cut = events.rfind(EVENT_END, 0, at)
+        start = cut + 2 if cut >= 0 else 0
+        end = events.find(EVENT_END, at)
+        if end >= 0:
+            end += 2
+            one, usage, _ = _split_events(events[start:end], drop, cached_tokens)
+            return events[:start] + one + events[end:], usage, DONE in events
+    return _split_events(events, drop, cached_tokens)
+
+
+def _split_events(
+    events: bytes, drop: bool, cached_tokens: int | None
+) -> tuple[bytes, Usage | None, bool]:
     kept: list[bytes] = []
     usage: Usage | None = None
     for event in events.split(EVENT_END):

@@ -39,6 +39,21 @@ def test_usage_event_kept_when_client_asked() -> None:
     assert out == data and usage is not None and not done
 
 
+def test_only_the_usage_event_of_a_burst_is_rewritten_and_every_usage_is_read() -> None:
+    tokens = _events(*[TOKEN] * 16)
+    done = b"data: [DONE]\n\n"
+    for drop in (True, False):
+        out, usage, saw_done = split_usage_event(tokens + _events(USAGE) + done, drop, 7)
+        assert usage is not None and usage.cached_tokens == 7 and saw_done
+        assert out.startswith(tokens) and out.endswith(done)
+        assert (b'"cached_tokens":7' in out) is not drop  # the override reaches the client
+    # Usage in every event (continuous usage stats): each is read, the last one counts.
+    first = {**TOKEN, "usage": {"prompt_tokens": 1, "completion_tokens": 1}}
+    out, usage, _ = split_usage_event(_events(first, USAGE), drop=True)
+    assert usage is not None and usage.prompt_tokens == 40
+    assert out == _events(first)  # the usage-only event dropped, the token's kept
+
+
 def test_parse_vllm_metrics() -> None:
     text = "\n".join(
         [
