@@ -5,13 +5,14 @@ the response object costs more CPU per request than everything else the gateway 
 overhead budget (DESIGN.md §7) cannot be met with it. This client does only what the relay
 needs: write one pre-formatted request in one `transport.write`, let llhttp (httptools, the
 parser uvicorn uses) frame the response, then hand body bytes to the reader as they arrive,
-coalescing whatever one `data_received` delivered into one read. Timeouts are one timer per
+coalescing whatever one `data_received` delivered into one read, or, while a stream is pumped
+(`stream.Answer.pump`), to its sink inside `data_received` itself. Timeouts are one timer per
 wait, armed only when the reader actually has to wait.
 
-Connections are kept alive per worker and reused until `keepalive_s` of idleness; a connection
-whose response was not read to its end (cancellation, error, timeout), that broke framing, or
-whose worker asked to close it is closed, which is also how the worker learns that the client
-went away and aborts the sequence.
+Connections are kept alive per worker (`upstream_pool`) until `keepalive_s` of idleness; a
+connection whose response was not read to its end (cancellation, error, timeout), that broke
+framing, or whose worker asked to close it is closed, which is also how the worker learns that
+the client went away and aborts the sequence.
 """
 
 from __future__ import annotations

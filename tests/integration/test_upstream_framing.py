@@ -269,7 +269,7 @@ async def test_a_client_slower_than_its_worker_holds_the_worker_back_not_gateway
 ) -> None:
     worker, url = scripted
     event = b'data: {"pad":"' + b"z" * 32000 + b'"}\n\n'
-    total = 32 << 20
+    total = 64 << 20  # far above what the kernel's socket buffers on the way can hold
     finished = asyncio.Event()
 
     async def long_stream(worker: ScriptedWorker, writer: asyncio.StreamWriter) -> None:
@@ -295,7 +295,7 @@ async def test_a_client_slower_than_its_worker_holds_the_worker_back_not_gateway
         # rest of the answer in its memory (the worker could then finish at loopback speed).
         with pytest.raises(TimeoutError):
             await asyncio.wait_for(finished.wait(), 1.5)
-        assert worker.flood_sent < total // 2
+        assert worker.flood_sent < total // 4
         rest = await resp.content.read()  # the client reads again: the stream resumes
     assert finished.is_set()
     assert (first + rest).count(b"data: ") == -(-total // len(event)) + 1
