@@ -229,12 +229,18 @@ def _profile(
     `--profile`; the two Python targets, so their profiles can be compared)."""
     if args.profile is None or target.name not in PROFILED or target.pid is None:
         return None
-    py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    py_spy = _py_spy()
+    assert py_spy is not None  # run() checked
     out = Path(args.profile) / f"{target.name}-{rate:g}.txt"
     out.parent.mkdir(parents=True, exist_ok=True)
     command = [py_spy, "record", "--pid", str(target.pid), "--format", "raw", "--rate", "250"]
     command += ["--duration", str(max(1, int(args.duration))), "--nonblocking", "-o", str(out)]
     return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _py_spy() -> str | None:
+    beside = Path(sys.executable).with_name("py-spy")
+    return shutil.which("py-spy") or (str(beside) if beside.exists() else None)
 
 
 def _print(
@@ -284,5 +290,7 @@ def run(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default="loadtest/results/overhead.json")
     parser.add_argument("--profile", default=None, help="py-spy the gateway; stacks to this dir")
     args = parser.parse_args(argv)
+    if args.profile is not None and _py_spy() is None:
+        parser.error("--profile needs py-spy: pip install 'prefix-router[bench]' (or py-spy)")
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         return runner.run(_main(args))
