@@ -52,8 +52,10 @@ async def stream_response(
     response.headers["Cache-Control"] = "no-cache"
     decorate(response, call, answer.decision)
     writer = await response.prepare(request)
-    assert writer is not None and request.transport is not None
-    sink = _ClientStream(request.transport, writer, response, metrics.model(call.pool.name))
+    transport = request.transport
+    if writer is None or transport is None:
+        raise ConnectionResetError("the client went away before the answer's head")
+    sink = _ClientStream(transport, writer, response, metrics.model(call.pool.name))
     first = answer
     scope = asyncio.timeout_at(deadline)
     try:

@@ -73,7 +73,8 @@ class LearnedRates:
         samples.pending += 1
         # A worker with a full window is refitted a quarter as often: each fit is over the
         # whole window, and a settled worker moves slowly (the fit was 1.5% of gateway CPU).
-        every = self.refit_every if len(samples.rows) < self.window else self.window // 4
+        full = len(samples.rows) >= self.window
+        every = max(self.refit_every, self.window // 4) if full else self.refit_every
         if samples.pending >= every:
             samples.pending = 0
             self._refit(samples)

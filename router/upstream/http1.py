@@ -246,12 +246,9 @@ class Connection(asyncio.Protocol):
     async def read(self, deadline: float | None) -> bytes:
         """The next body bytes (everything buffered, joined); b"" at the end of the body."""
         while not self._body:
-            if self._error is not None:
-                raise self._error
+            self._raise_if_failed()
             if self._state == "eof":
                 return b""
-            if self._state == "closed":
-                raise UpstreamClosed("worker closed the connection mid-response")
             await self._wait(deadline)
         data = self.take_body()
         self.resume_reading()

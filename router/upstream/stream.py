@@ -244,7 +244,6 @@ class Answer:
     def close(self) -> None:
         conn, self._conn = self._conn, None
         if conn is not None:
-            conn.sink = None
             self._client.release(self.worker.url, conn)
         self._dispatch.end()
         callback, self._on_close = self._on_close, None
