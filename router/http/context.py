@@ -16,7 +16,7 @@ import aiohttp
 from aiohttp import web
 
 from router.admission import Admission
-from router.auth import Authenticator, Tenant
+from router.auth import Authenticator
 from router.config import ConfigError, GatewayConfig, load_config
 from router.config.changes import restart_needed
 from router.domain.registry import Registry
@@ -27,7 +27,6 @@ from router.result_cache import ResultCache
 from router.state.backend import StateBackend
 from router.state.fleet_sync import FleetSync
 from router.stats import Stats
-from router.upstream.call import CallResult
 from router.upstream.dispatch import Dispatcher
 from router.upstream.lora_loader import AdapterLoader
 from router.upstream.migration import Migrator
@@ -92,17 +91,10 @@ class GatewayState:
 
 
 STATE = web.AppKey("gateway_state", GatewayState)
-REQUEST_ID = web.RequestKey("request_id", str)
-ACCESS = web.RequestKey("access", CallResult)
-TENANT = web.RequestKey("tenant", Tenant)
 
 
 def state_of(request: web.Request) -> GatewayState:
     return request.app[STATE]
-
-
-def request_id_of(request: web.Request) -> str:
-    return str(request.get(REQUEST_ID, ""))
 
 
 _ID_PREFIX = uuid.uuid4().hex[:16]
@@ -119,7 +111,3 @@ def new_request_id(incoming: str | None) -> str:
     if incoming and len(incoming) <= 128 and incoming.isascii() and incoming.isprintable():
         return incoming
     return f"{_ID_PREFIX}{next(_id_counter):016x}"
-
-
-def access_of(request: web.Request) -> CallResult | None:
-    return request.get(ACCESS)

@@ -1,7 +1,7 @@
 """The edge: request ids, mapping every error to an OpenAI-shaped body, request metrics.
 
 Nothing past this middleware renders an error; nothing a client sees is a traceback. Once a
-model request ended, `_record` turns what the relay learned (`CallResult`) into the request
+model request ended, `record` turns what the relay learned (`CallResult`) into the request
 metrics, the `/stats` tallies and one JSON access-log line, all keyed by bounded names
 (pool, worker, tenant), never by request data.
 """
@@ -22,25 +22,22 @@ from router.errors import (
     NotFound,
     PayloadTooLarge,
 )
-from router.http.context import REQUEST_ID, TENANT, access_of, new_request_id, state_of
+from router.http.aio import EXCHANGE, AiohttpExchange, to_response
+from router.http.context import GatewayState, new_request_id, state_of
+from router.http.exchange import Exchange, Reply
 from router.upstream.call import CallResult
 
 log = logging.getLogger("prefix_router.http")
 access_log = logging.getLogger("prefix_router.access")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-_MODEL_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/generate", "/chat"})
+MODEL_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/generate", "/chat"})
 
 
-def error_response(error: GatewayError, request_id: str) -> web.Response:
+def error_reply(error: GatewayError, request_id: str) -> Reply:
     headers = error.headers()
     headers["X-Request-Id"] = request_id
-    return web.Response(
-        body=error.body_bytes(),
-        status=error.status,
-        content_type="application/json",
-        headers=headers,
-    )
+    return Reply(error.status, error.body_bytes(), headers)
 
 
 def _from_http_exception(exc: web.HTTPException) -> GatewayError:
@@ -61,52 +58,73 @@ def _from_http_exception(exc: web.HTTPException) -> GatewayError:
 CLIENT_GONE = 499
 
 
+class Outcome:
+    """What the edge knows of a request once it ended: its status and when its first byte left
+    (for an answer handed back unsent, the moment it was handed back)."""
+
+    __slots__ = ("first_byte_at", "started", "status")
+
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+        self.status = 500
+        self.first_byte_at = 0.0
+
+    def answered(self, reply: Reply) -> Reply:
+        self.status = reply.status
+        if reply.body is not None:
+            self.first_byte_at = time.perf_counter()
+        return reply
+
+
+def failure_reply(exc: BaseException, exchange: Exchange, outcome: Outcome) -> Reply:
+    """The OpenAI error for what a handler raised; a client that went away is re-raised
+    (there is nobody to answer), counted as 499 as nginx counts it."""
+    request_id = exchange.request_id
+    if isinstance(exc, GatewayError):
+        return outcome.answered(error_reply(exc, request_id))
+    if isinstance(exc, TimeoutError):
+        error = GatewayError("the request ran past its total deadline", code="timeout")
+        error.status = 504
+        return outcome.answered(error_reply(error, request_id))
+    if isinstance(exc, ConnectionResetError | asyncio.CancelledError):
+        # Before or after the first byte, there is nothing left to answer.
+        outcome.status = CLIENT_GONE
+        raise exc
+    if not isinstance(exc, Exception):
+        raise exc
+    log.error("unhandled error, request %s", request_id, exc_info=exc)
+    return outcome.answered(error_reply(GatewayError("internal gateway error"), request_id))
+
+
 @web.middleware
 async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
-    request_id = new_request_id(request.headers.get("X-Request-Id"))
-    request[REQUEST_ID] = request_id
-    started = time.perf_counter()
-    status = 500
-    # When the handler hands back an unsent response, that is the client's first byte.
-    first_byte_at = 0.0
+    exchange = AiohttpExchange(request, new_request_id(request.headers.get("X-Request-Id")))
+    request[EXCHANGE] = exchange
+    outcome = Outcome()
     try:
         response = await handler(request)
-        status = response.status
+        outcome.status = response.status
         if not response.prepared:
-            first_byte_at = time.perf_counter()
+            outcome.first_byte_at = time.perf_counter()
         return response
-    except GatewayError as exc:
-        status = exc.status
-        return error_response(exc, request_id)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        error = _from_http_exception(exc)
-        status = error.status
-        return error_response(error, request_id)
-    except TimeoutError:
-        status = 504
-        error = GatewayError("the request ran past its total deadline", code="timeout")
-        error.status = 504
-        return error_response(error, request_id)
-    except (ConnectionResetError, asyncio.CancelledError):
-        # The client went away (aiohttp cancels the handler when it hangs up): before or
-        # after the first byte, there is nothing left to answer. 499, as nginx counts it.
-        status = CLIENT_GONE
-        raise
-    except Exception:
-        log.exception("unhandled error, request %s", request_id)
-        return error_response(GatewayError("internal gateway error"), request_id)
+        reply = outcome.answered(error_reply(_from_http_exception(exc), exchange.request_id))
+        return to_response(exchange, reply)
+    except BaseException as exc:
+        # aiohttp cancels the handler when the client hangs up: failure_reply re-raises that.
+        return to_response(exchange, failure_reply(exc, exchange, outcome))
     finally:
-        if request.path in _MODEL_PATHS:
-            _record(request, status, started, first_byte_at, request_id)
+        if request.path in MODEL_PATHS:
+            record(state_of(request), exchange, outcome)
 
 
-def _record(
-    request: web.Request, status: int, started: float, first_byte_at: float, request_id: str
-) -> None:
-    state = state_of(request)
-    result = access_of(request)
+def record(state: GatewayState, exchange: Exchange, outcome: Outcome) -> None:
+    """The request's metrics, `/stats` tallies and access-log line, once it ended."""
+    status, started, first_byte_at = outcome.status, outcome.started, outcome.first_byte_at
+    request_id = exchange.request_id
+    result = exchange.access
     elapsed = time.perf_counter() - started
     model = result.decision.worker.pool if result and result.decision else "-"
     policy = "-"
@@ -139,13 +157,13 @@ def _record(
         result.ttft_s if result else None,
         usage,
     )
-    tenant = request.get(TENANT)
+    tenant = exchange.tenant
     if access_log.isEnabledFor(logging.INFO):
         access_log.info(
             "request",
             extra={
                 "request_id": request_id,
-                "path": request.path,
+                "path": exchange.path,
                 "model": model,
                 "status": status,
                 "tenant": tenant.name if tenant else None,

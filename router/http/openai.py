@@ -13,27 +13,30 @@ from aiohttp import web
 
 from router.auth import check_model
 from router.domain.pool import Pool
-from router.http.body import Kind, check_fields, parse_json_object, read_body, require_model
-from router.http.context import TENANT, GatewayState, state_of
+from router.http.aio import exchange_of, to_response
+from router.http.body import Kind, check_fields, parse_json_object, require_model
+from router.http.context import GatewayState, state_of
+from router.http.exchange import Exchange, Reply
 from router.http.pipeline import forward_openai
 
 
 async def authenticated_body(
-    request: web.Request, state: GatewayState
+    exchange: Exchange, state: GatewayState
 ) -> tuple[bytes, dict[str, Any]]:
     """Who is calling (before anything is read), then the body as a checked JSON object."""
-    request[TENANT] = state.auth.authenticate(request.headers)
+    exchange.tenant = state.auth.authenticate(exchange.headers)
     limits = state.config.limits
-    raw = await read_body(request, limits.max_body_bytes)
+    raw = await exchange.read_body(limits.max_body_bytes)
     return raw, parse_json_object(raw, limits.max_json_depth)
 
 
 def allowed_pool(
-    request: web.Request, state: GatewayState, body: dict[str, Any], kind: Kind
+    exchange: Exchange, state: GatewayState, body: dict[str, Any], kind: Kind
 ) -> tuple[Pool, int | None]:
     """The pool serving the body's model, if the caller may use it; and the max tokens asked."""
     require_model(body)
-    tenant = request[TENANT]
+    tenant = exchange.tenant
+    assert tenant is not None, "authenticated_body ran first"
     pool, adapter = state.registry.resolve(body.get("model"), tenant.may_use)
     # An adapter is the pool's model fine-tuned: a key allowed the pool may use its adapters,
     # and a key may be allowed one adapter alone.
@@ -42,19 +45,20 @@ def allowed_pool(
     return pool, check_fields(body, kind, pool.config.max_tokens_limit)
 
 
-async def completions(request: web.Request, kind: Kind) -> web.StreamResponse:
-    state = state_of(request)
-    raw, body = await authenticated_body(request, state)
-    _, max_tokens = allowed_pool(request, state, body, kind)
-    return await forward_openai(request, state, body, raw, kind, max_tokens)
+async def completions(exchange: Exchange, state: GatewayState, kind: Kind) -> Reply:
+    raw, body = await authenticated_body(exchange, state)
+    _, max_tokens = allowed_pool(exchange, state, body, kind)
+    return await forward_openai(exchange, state, body, raw, kind, max_tokens)
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
-    return await completions(request, "chat")
+    exchange = exchange_of(request)
+    return to_response(exchange, await completions(exchange, state_of(request), "chat"))
 
 
 async def text_completions(request: web.Request) -> web.StreamResponse:
-    return await completions(request, "completions")
+    exchange = exchange_of(request)
+    return to_response(exchange, await completions(exchange, state_of(request), "completions"))
 
 
 async def list_models(request: web.Request) -> web.Response:

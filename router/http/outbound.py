@@ -11,20 +11,19 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from aiohttp import web
-
 from router.domain.policy import RoutingRequest
 from router.domain.pool import Pool
 from router.http.body import Kind
-from router.http.context import GatewayState, request_id_of
+from router.http.context import GatewayState
+from router.http.exchange import Exchange
 from router.upstream.call import UpstreamCall
 
 _PATHS: dict[Kind, str] = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
 
 
-def session_hint(request: web.Request, body: dict[str, Any]) -> str | None:
+def session_hint(exchange: Exchange, body: dict[str, Any]) -> str | None:
     """Affinity hints any client may send: X-Session-Id, `user`, seed API metadata.session_id."""
-    header = request.headers.get("X-Session-Id")
+    header = exchange.headers.get("X-Session-Id")
     if header:
         return header[:256]
     user = body.get("user")
@@ -39,7 +38,7 @@ def session_hint(request: web.Request, body: dict[str, Any]) -> str | None:
 
 
 def upstream_call(
-    request: web.Request,
+    exchange: Exchange,
     state: GatewayState,
     pool: Pool,
     body: dict[str, Any],
@@ -81,7 +80,7 @@ def upstream_call(
         key=key,
         prompt_tokens=prompt_tokens,
         max_tokens=max_tokens,
-        session_id=session_hint(request, body),
+        session_id=session_hint(exchange, body),
         adapter=adapter,
     )
     return UpstreamCall(
@@ -90,7 +89,7 @@ def upstream_call(
         path=_PATHS[kind],
         body=payload,
         stream=stream,
-        request_id=request_id_of(request),
+        request_id=exchange.request_id,
         client_wants_usage=client_wants_usage,
         debug_headers=state.config.debug_headers,
         collect_answer=pool.policy.indexes_answers and body.get("n") in (None, 1),

@@ -14,17 +14,16 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any
 
-from aiohttp import web
-
 from router.admission import PRIORITY_RANK, PoolGate
 from router.auth import Tenant
 from router.domain.policy import Decision
 from router.domain.pool import Pool
 from router.errors import InvalidRequest, NoCapacity
 from router.http.body import Kind
-from router.http.context import ACCESS, TENANT, GatewayState
+from router.http.context import GatewayState
+from router.http.exchange import Exchange, Reply
 from router.http.outbound import upstream_call
-from router.http.respond import body_response, respond_from_cache, stream_response
+from router.http.respond import body_reply, reply_from_cache, stream_reply
 from router.result_cache import (
     Capture,
     cache_digest,
@@ -39,10 +38,10 @@ from router.upstream.continuation import Transcript, refusal
 DEFAULT_MAX_TOKENS = 16
 
 
-def priority_of(request: web.Request, tenant: Tenant) -> str:
+def priority_of(exchange: Exchange, tenant: Tenant) -> str:
     """The tenant's class; `X-Priority` counts only for keys allowed to steer routing."""
     if tenant.allow_routing_headers:
-        asked = request.headers.get("X-Priority", "").lower()
+        asked = exchange.headers.get("X-Priority", "").lower()
         if asked in PRIORITY_RANK:
             return asked
     return tenant.priority
@@ -78,7 +77,7 @@ def _choose_gate(
 
 
 async def forward_openai(
-    request: web.Request,
+    exchange: Exchange,
     state: GatewayState,
     body: dict[str, Any],
     raw: bytes | None,
@@ -86,10 +85,10 @@ async def forward_openai(
     max_tokens: int | None,
     *,
     transform: Callable[[bytes], bytes] | None = None,
-) -> web.StreamResponse:
+) -> Reply:
     """Limit, admit, route and relay an already-checked OpenAI body (also used by the seed API,
     whose `transform` rewrites each relayed block of stream events into its own shape)."""
-    tenant = request.get(TENANT) or state.auth.authenticate(request.headers)
+    tenant = exchange.tenant or state.auth.authenticate(exchange.headers)
     pool, adapter = state.registry.resolve(body.get("model"))
     requested_tokens = max_tokens or DEFAULT_MAX_TOKENS
     if tenant.cache_salt is not None:
@@ -127,10 +126,10 @@ async def forward_openai(
         tenant, prompt_tokens + requested_tokens, state.config.timeouts.total_s
     )
     result = CallResult()
-    request[ACCESS] = result
+    exchange.access = result
     overloaded = gate.saturated  # judged on arrival: the request's own slot does not count
     try:
-        async with state.admission.slot(gate, priority_of(request, tenant)):
+        async with state.admission.slot(gate, priority_of(exchange, tenant)):
             cap = pool.config.overload_max_tokens
             if cap is not None and overloaded and requested_tokens > cap:
                 body["max_tokens"] = cap
@@ -138,7 +137,16 @@ async def forward_openai(
                 requested_tokens = cap
                 raw = None
             call = upstream_call(
-                request, state, pool, body, raw, kind, key, prompt_tokens, requested_tokens, adapter
+                exchange,
+                state,
+                pool,
+                body,
+                raw,
+                kind,
+                key,
+                prompt_tokens,
+                requested_tokens,
+                adapter,
             )
             call.routing.block_hashes = precise.block_hashes if precise else None
             call.routing.partition = partition
@@ -158,9 +166,9 @@ async def forward_openai(
             )
             call.share_insert = partial(state.fleet.publish_insert, pool.name)
             if not pool.config.result_cache.enabled or not is_deterministic(body):
-                return await relay(request, state, call, result)
+                return await relay(exchange, state, call, result)
             return await _through_result_cache(
-                request, state, pool, kind, body, call, result, tenant.name
+                exchange, state, pool, kind, body, call, result, tenant.name
             )
     finally:
         usage = result.usage
@@ -189,7 +197,7 @@ def _share_decision(
 
 
 async def _through_result_cache(
-    request: web.Request,
+    exchange: Exchange,
     state: GatewayState,
     pool: Pool,
     kind: Kind,
@@ -197,7 +205,7 @@ async def _through_result_cache(
     call: UpstreamCall,
     result: CallResult,
     tenant: str,
-) -> web.StreamResponse:
+) -> Reply:
     """Answer an exact repeat from the cache; otherwise relay and remember the answer."""
     digest = cache_digest(pool.name, kind, body)
     lookups = state.metrics.result_cache
@@ -205,8 +213,9 @@ async def _through_result_cache(
     if entry is not None:
         lookups.labels(pool.name, "hit").inc()
         result.status = 200
-        return await respond_from_cache(
-            request,
+        return await reply_from_cache(
+            exchange,
+            state.metrics,
             kind,
             pool.name,
             entry,
@@ -219,32 +228,31 @@ async def _through_result_cache(
     capture = Capture()
     if call.stream:
         call.transform = capture.wrap(call.transform)
-    response = await relay(request, state, call, result)
+    reply = await relay(exchange, state, call, result)
     if result.status == 200 and not result.stream_broken:
         if call.stream:
             new_entry = capture.entry_from_stream(kind)
         else:
-            raw = response.body if isinstance(response, web.Response) else None
-            new_entry = entry_from_body(kind, raw) if isinstance(raw, bytes) else None
+            new_entry = entry_from_body(kind, reply.body) if reply.body is not None else None
         if new_entry is not None:
             config = pool.config.result_cache
             await state.result_cache.put(
                 tenant, digest, new_entry, config.ttl_s, config.max_entry_bytes
             )
-    return response
+    return reply
 
 
 async def relay(
-    request: web.Request, state: GatewayState, call: UpstreamCall, result: CallResult
-) -> web.StreamResponse:
+    exchange: Exchange, state: GatewayState, call: UpstreamCall, result: CallResult
+) -> Reply:
     """Dispatch the call and write its answer; the total deadline covers both."""
     deadline = asyncio.get_running_loop().time() + state.config.timeouts.total_s
     answer = await state.dispatcher.dispatch(call, result, deadline)
     try:
         if not call.stream:
-            return body_response(answer)
-        return await stream_response(
-            request, answer, state.dispatcher, state.migrator, state.metrics, deadline
+            return body_reply(answer)
+        return await stream_reply(
+            exchange, answer, state.dispatcher, state.migrator, state.metrics, deadline
         )
     finally:
         answer.close()

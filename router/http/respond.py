@@ -1,74 +1,65 @@
-"""The client's response: a relayed answer written as an aiohttp response.
+"""The client's response: a relayed answer as a `Reply`, or a stream written to the exchange.
 
-A non-streamed answer becomes one `web.Response`. A stream's status line goes out only now
-that the worker's first byte is in (everything before could still be retried); then the answer's
-blocks are written as they come. Past the status line no HTTP error can reach the client, so a
-stream that breaks, or outlives the request's total deadline, ends with one OpenAI error event
-and no `[DONE]` (DESIGN §10).
+A non-streamed answer is one body. A stream's head goes out only now that the worker's first
+block is in (everything before could still be retried), in one write with that block; the rest
+is pumped straight to the client's transport. Past the head no HTTP error can reach the client,
+so a stream that breaks, or outlives the request's total deadline, ends with one OpenAI error
+event and no `[DONE]` (DESIGN §10).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
+import json
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any
 
-from aiohttp import web
-from aiohttp.abc import AbstractStreamWriter
+from prometheus_client import Histogram
 
 from router.domain.policy import Decision
-from router.metrics import GatewayMetrics, ModelSeries
+from router.http.exchange import ClientStream, Exchange, Reply
+from router.metrics import GatewayMetrics
 from router.result_cache import render_body, render_stream
-from router.upstream.call import CallResult, UpstreamCall
+from router.upstream.call import UpstreamCall
 from router.upstream.dispatch import Dispatcher
 from router.upstream.migration import Migrator
 from router.upstream.sse import error_event
 from router.upstream.stream import Answer, StreamBroken
 
-_JSON = "application/json"
+STREAMED = 200
 
 
-def body_response(answer: Answer) -> web.Response:
-    response = web.Response(body=answer.body, status=200, content_type=_JSON)
-    decorate(response, answer.call, answer.decision)
-    return response
+def body_reply(answer: Answer) -> Reply:
+    return Reply(200, answer.body, reply_headers(answer.call, answer.decision))
 
 
-async def stream_response(
-    request: web.Request,
+async def stream_reply(
+    exchange: Exchange,
     answer: Answer,
     dispatcher: Dispatcher,
     migrator: Migrator,
     metrics: GatewayMetrics,
     deadline: float,
-) -> web.StreamResponse:
+) -> Reply:
     """Write a streamed answer until its end, a break it cannot migrate past, or `deadline`
     (loop time). The first answer is the caller's to close; continuations are closed here."""
     call, result = answer.call, answer.result
-    response = web.StreamResponse(status=200)
-    response.content_type = "text/event-stream"
-    response.headers["Cache-Control"] = "no-cache"
-    decorate(response, call, answer.decision)
-    writer = await response.prepare(request)
-    transport = request.transport
-    if writer is None or transport is None:
-        raise ConnectionResetError("the client went away before the answer's head")
-    sink = _ClientStream(transport, writer, response, metrics.model(call.pool.name))
+    headers = reply_headers(call, answer.decision)
+    gaps = metrics.model(call.pool.name).inter_token
     first = answer
+    sink: ClientStream | None = None
     scope = asyncio.timeout_at(deadline)
     try:
         async with scope:
             while True:
                 try:
-                    if not result.first_write_at:
-                        # aiohttp writes the head with the first block, in one write.
+                    if sink is None:
                         block = await answer.next_block()
+                        sink = await exchange.open_stream(headers, block or b"", gaps)
+                        sink.first_written(result)
                         if block is None:
                             break
-                        await response.write(block)
-                        sink.first_written(result)
                     await answer.pump(sink)
                     break
                 except StreamBroken as exc:
@@ -76,8 +67,17 @@ async def stream_response(
                     dispatcher.stream_broke(answer, exc.cause)
                     continued = await migrator.resume(answer, exc.cause, deadline)
                     if continued is None:
-                        await _end_broken(response, answer, metrics, exc.cause)
-                        return response
+                        answer.result.stream_broken = True
+                        metrics.stream_errors.labels(call.pool.name).inc()
+                        await _end_with_error(
+                            exchange,
+                            sink,
+                            headers,
+                            gaps,
+                            f"the worker serving this request failed mid-stream ({exc.cause})",
+                            "upstream_stream_broken",
+                        )
+                        return Reply(STREAMED, None)
                     answer.close()  # idempotent: the broken worker's count ends now
                     answer = continued
     except TimeoutError:
@@ -85,8 +85,10 @@ async def stream_response(
             raise
         dispatcher.stream_overdue(answer)
         metrics.stream_errors.labels(call.pool.name).inc()
-        await _end_with_error(response, "the request ran past its total deadline", "timeout")
-        return response
+        await _end_with_error(
+            exchange, sink, headers, gaps, "the request ran past its total deadline", "timeout"
+        )
+        return Reply(STREAMED, None)
     finally:
         if answer is not first:
             answer.close()
@@ -95,84 +97,44 @@ async def stream_response(
     # the last chunk: nothing was lost.
     try:
         with contextlib.suppress(ConnectionError):
-            await response.write_eof()
+            await exchange.end_stream()
     finally:
         dispatcher.stream_ended(answer)
-    return response
+    return Reply(STREAMED, None)
 
 
-class _ClientStream:
-    """The client's side of a pumped stream: each block written to its transport at once, as
-    an HTTP/1.1 chunk (aiohttp's writer sent the head and the first block, and its `write_eof`
-    sends the last chunk); an HTTP/1.0 client's body is not chunked but ends with the
-    connection. Each write also times the gap since the last one."""
-
-    __slots__ = ("_chunked", "_gaps", "_high", "_last", "_transport", "_writer")
-
-    def __init__(
-        self,
-        transport: asyncio.BaseTransport,
-        writer: AbstractStreamWriter,
-        response: web.StreamResponse,
-        metrics: ModelSeries,
-    ) -> None:
-        # uvloop's transports implement asyncio.Transport without subclassing it.
-        self._transport = cast(asyncio.Transport, transport)
-        self._writer = writer
-        self._chunked = response.headers.get("Transfer-Encoding", "").lower() == "chunked"
-        self._gaps = metrics.inter_token
-        self._high = self._transport.get_write_buffer_limits()[1]
-        self._last = 0.0
-
-    def first_written(self, result: CallResult) -> None:
-        self._last = result.first_write_at = time.perf_counter()
-
-    def write(self, block: bytes) -> None:
-        transport = self._transport
-        if transport.is_closing():
-            raise ConnectionResetError("the client went away")
-        transport.write(b"%x\r\n%b\r\n" % (len(block), block) if self._chunked else block)
-        now = time.perf_counter()
-        self._gaps.observe(now - self._last)
-        self._last = now
-
-    def full(self) -> bool:
-        return self._transport.get_write_buffer_size() > self._high
-
-    async def drain(self) -> None:
-        await self._writer.drain()
-
-
-async def _end_broken(
-    response: web.StreamResponse, answer: Answer, metrics: GatewayMetrics, cause: str
+async def _end_with_error(
+    exchange: Exchange,
+    sink: ClientStream | None,
+    headers: dict[str, str],
+    gaps: Histogram,
+    message: str,
+    code: str,
 ) -> None:
-    answer.result.stream_broken = True
-    metrics.stream_errors.labels(answer.call.pool.name).inc()
-    await _end_with_error(
-        response,
-        f"the worker serving this request failed mid-stream ({cause})",
-        "upstream_stream_broken",
-    )
-
-
-async def _end_with_error(response: web.StreamResponse, message: str, code: str) -> None:
+    event = error_event(message, "upstream_error", code)
     with contextlib.suppress(ConnectionError):
-        await response.write(error_event(message, "upstream_error", code))
-        await response.write_eof()
+        if sink is None:
+            # Broken before its first block: the head goes out with the error event.
+            await exchange.open_stream(headers, event, gaps)
+        else:
+            sink.write(event)
+        await exchange.end_stream()
 
 
-def decorate(response: web.StreamResponse, call: UpstreamCall, decision: Decision) -> None:
-    response.headers["X-Request-Id"] = call.request_id
+def reply_headers(call: UpstreamCall, decision: Decision) -> dict[str, str]:
+    headers = {"X-Request-Id": call.request_id}
     if call.extra_headers:
-        response.headers.update(call.extra_headers)
+        headers.update(call.extra_headers)
     if call.debug_headers:
-        response.headers["X-Route-Worker"] = decision.worker.id
-        response.headers["X-Route-Reason"] = decision.reason
-        response.headers["X-Route-Matched-Tokens"] = str(decision.matched_tokens)
+        headers["X-Route-Worker"] = decision.worker.id
+        headers["X-Route-Reason"] = decision.reason
+        headers["X-Route-Matched-Tokens"] = str(decision.matched_tokens)
+    return headers
 
 
-async def respond_from_cache(
-    request: web.Request,
+async def reply_from_cache(
+    exchange: Exchange,
+    metrics: GatewayMetrics,
     kind: str,
     model: str,
     entry: dict[str, Any],
@@ -180,14 +142,12 @@ async def respond_from_cache(
     with_usage: bool,
     headers: dict[str, str],
     transform: Callable[[bytes], bytes] | None = None,
-) -> web.StreamResponse:
+) -> Reply:
     headers = {**headers, "X-Cache": "hit"}
     if not stream:
-        return web.json_response(render_body(kind, model, entry), headers=headers)
-    response = web.StreamResponse(status=200, headers=headers)
-    response.content_type = "text/event-stream"
-    await response.prepare(request)
+        return Reply(200, json.dumps(render_body(kind, model, entry)).encode(), headers)
     events = render_stream(kind, model, entry, with_usage)
-    await response.write(transform(events) if transform is not None else events)
-    await response.write_eof()
-    return response
+    block = transform(events) if transform is not None else events
+    await exchange.open_stream(headers, block, metrics.model(model).inter_token)
+    await exchange.end_stream()
+    return Reply(STREAMED, None)

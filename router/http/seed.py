@@ -17,8 +17,10 @@ from typing import Any
 from aiohttp import web
 
 from router.errors import InvalidRequest
+from router.http.aio import exchange_of, to_response
 from router.http.body import Kind
-from router.http.context import request_id_of, state_of
+from router.http.context import GatewayState, state_of
+from router.http.exchange import Exchange, Reply
 from router.http.openai import allowed_pool, authenticated_body
 from router.http.ops import BACKEND_TYPE
 from router.http.pipeline import forward_openai
@@ -84,25 +86,25 @@ def to_openai(seed: dict[str, Any], kind: Kind, default_model: str) -> dict[str,
 
 
 async def _serve(request: web.Request, kind: Kind) -> web.StreamResponse:
-    state = state_of(request)
-    _, seed = await authenticated_body(request, state)
+    exchange = exchange_of(request)
+    return to_response(exchange, await _seed_reply(exchange, state_of(request), kind))
+
+
+async def _seed_reply(exchange: Exchange, state: GatewayState, kind: Kind) -> Reply:
+    _, seed = await authenticated_body(exchange, state)
     body = to_openai(seed, kind, state.registry.models()[0])
-    pool, max_tokens = allowed_pool(request, state, body, kind)
-    request_id = request_id_of(request)
+    pool, max_tokens = allowed_pool(exchange, state, body, kind)
+    request_id = exchange.request_id
     if body.get("stream") is True:
         events = SeedEvents(request_id, kind)
-        return await forward_openai(request, state, body, None, kind, max_tokens, transform=events)
+        return await forward_openai(exchange, state, body, None, kind, max_tokens, transform=events)
     started = time.perf_counter()
-    answer = await forward_openai(request, state, body, None, kind, max_tokens)
+    answer = await forward_openai(exchange, state, body, None, kind, max_tokens)
     elapsed = time.perf_counter() - started
     # A plain answer from the relay is always a complete, unsent JSON body.
-    raw_answer = answer.body if isinstance(answer, web.Response) else None
-    payload = json.loads(raw_answer) if isinstance(raw_answer, bytes) and raw_answer else {}
-    response = web.json_response(reshape(payload, kind, request_id, elapsed, pool.name))
-    for name, value in answer.headers.items():
-        if name.lower() not in ("content-type", "content-length"):
-            response.headers[name] = value
-    return response
+    payload = json.loads(answer.body) if answer.body else {}
+    reshaped = reshape(payload, kind, request_id, elapsed, pool.name)
+    return Reply(200, json.dumps(reshaped).encode(), answer.headers)
 
 
 def reshape(
