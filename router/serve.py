@@ -12,6 +12,7 @@ from aiohttp import web
 from router.app import build_app
 from router.config import GatewayConfig
 from router.http.context import STATE
+from router.http.front.site import FrontSite
 from router.logs import FLUSH_EVERY_S, flush_logs
 
 log = logging.getLogger("prefix_router")
@@ -30,13 +31,11 @@ async def start_gateway(
         shutdown_timeout=config.drain_timeout_s,
     )
     await runner.setup()
-    site = web.TCPSite(runner, config.listen.host, config.listen.port, backlog=1024)
+    site = FrontSite(
+        runner, app[STATE], config.listen.host, config.listen.port, config.drain_timeout_s
+    )
     await site.start()
-    port = config.listen.port
-    for address in runner.addresses:
-        port = address[1]
-        break
-    return runner, f"http://{config.listen.host}:{port}"
+    return runner, f"http://{config.listen.host}:{site.port}"
 
 
 async def serve_until_stopped(config: GatewayConfig, config_path: str | None = None) -> None:
