@@ -15,6 +15,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from router.domain.worker import Health, Worker
+from router.loop_histogram import LoopHistogram
 
 LATENCY_BUCKETS_S = (
     0.001,
@@ -121,28 +122,28 @@ class GatewayMetrics:
             ["model", "status", "policy"],
             registry=r,
         )
-        self.request_duration = Histogram(
+        self.request_duration = LoopHistogram(
             "prefix_router_request_duration_seconds",
             "Time from request to the last byte",
             ["model"],
             buckets=LATENCY_BUCKETS_S,
             registry=r,
         )
-        self.ttft = Histogram(
+        self.ttft = LoopHistogram(
             "prefix_router_time_to_first_token_seconds",
             "Time from request to the first byte of the upstream answer",
             ["model"],
             buckets=LATENCY_BUCKETS_S,
             registry=r,
         )
-        self.inter_token = Histogram(
+        self.inter_token = LoopHistogram(
             "prefix_router_inter_token_seconds",
             "Gap between two relayed chunks of a stream (about one token each with vLLM)",
             ["model"],
             buckets=ITL_BUCKETS_S,
             registry=r,
         )
-        self.gateway_overhead = Histogram(
+        self.gateway_overhead = LoopHistogram(
             "prefix_router_gateway_overhead_seconds",
             "Time to first byte at the client minus the worker's own time to first byte (whole"
             " body when not streamed): what the gateway adds, queueing and failed attempts"
@@ -175,14 +176,14 @@ class GatewayMetrics:
             ["policy", "reason"],
             registry=r,
         )
-        self.decision_time = Histogram(
+        self.decision_time = LoopHistogram(
             "prefix_router_routing_decision_seconds",
             "Time to build the routing key, match the index and score workers",
             ["policy"],
             buckets=DECISION_BUCKETS_S,
             registry=r,
         )
-        self.matched_ratio = Histogram(
+        self.matched_ratio = LoopHistogram(
             "prefix_router_matched_prefix_ratio",
             "Share of the prompt the chosen worker was believed to hold",
             ["policy"],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 
@@ -42,6 +43,7 @@ async def serve_until_stopped(config: GatewayConfig, config_path: str | None = N
     if not config.auth.enabled:
         log.warning("auth is off (auth.enabled: false): anyone who can reach this port may use it")
     runner, url = await start_gateway(config, config_path)
+    settle_gc()
     state = runner.app[STATE]
     log.info("prefix-router listening on %s", url)
     stop = asyncio.Event()
@@ -72,6 +74,25 @@ async def serve_until_stopped(config: GatewayConfig, config_path: str | None = N
     flusher.cancel()
     log.info("stopped")
     flush_logs()
+
+
+GC_YOUNG_THRESHOLD = 20_000
+"""Container allocations between two young-generation collections (CPython's default: 700)."""
+
+
+def settle_gc() -> None:
+    """Keep the cyclic garbage collector off the request path once the gateway is up.
+
+    Nearly everything a request allocates is freed by reference counting; the collector's
+    passes are pure cost, and at the default threshold one ran every few requests (about 0.1 ms
+    of CPU per request at 1000 req/s, mostly older-generation passes over the modules, config
+    and routing state built at startup). What exists now is moved out of the collector's view
+    for good (`gc.freeze`), and young collections run 30x less often: the few cycles requests
+    make (a task and its exception) wait a little longer to be freed."""
+    gc.collect()
+    gc.freeze()
+    _, middle, old = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, middle, old)
 
 
 def run(config: GatewayConfig, config_path: str | None = None) -> None:

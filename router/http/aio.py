@@ -8,10 +8,10 @@ head and that block in one write); its later blocks go straight to the transport
 from __future__ import annotations
 
 from aiohttp import web
-from prometheus_client import Histogram
 
 from router.http.body import read_body
 from router.http.exchange import EVENT_STREAM, ClientStream, Exchange, Reply
+from router.loop_histogram import LoopHistogramChild
 
 
 class AiohttpExchange(Exchange):
@@ -26,7 +26,7 @@ class AiohttpExchange(Exchange):
         return await read_body(self.request, max_bytes)
 
     async def open_stream(
-        self, headers: dict[str, str], first: bytes, gaps: Histogram
+        self, headers: dict[str, str], first: bytes, gaps: LoopHistogramChild
     ) -> ClientStream:
         response = web.StreamResponse(status=200, headers=headers)
         response.content_type = EVENT_STREAM

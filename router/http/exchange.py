@@ -15,10 +15,10 @@ from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
-from prometheus_client import Histogram
-
 from router.auth import Tenant
+from router.loop_histogram import LoopHistogramChild
 from router.upstream.call import CallResult
+from router.upstream.sse import DONE
 
 JSON = "application/json"
 EVENT_STREAM = "text/event-stream"
@@ -34,29 +34,52 @@ class Reply:
     content_type: str = JSON
 
 
+LAST_CHUNK = b"0\r\n\r\n"
+
+
 class ClientStream:
     """A streamed answer's way to the client after its head: each block written to the
     transport at once (as an HTTP/1.1 chunk, or raw for an HTTP/1.0 client whose body ends with
-    the connection), with the gap since the previous write timed. Also the pump's sink."""
+    the connection), with the gap since the previous write timed. Also the pump's sink.
 
-    __slots__ = ("_chunked", "_drain", "_gaps", "_high", "_last", "_transport")
+    With `ends_at_done`, the block carrying `[DONE]` (nothing follows it) goes out with the
+    body's last chunk in the same write, one write per stream fewer; `ended` tells."""
+
+    __slots__ = (
+        "_chunked",
+        "_drain",
+        "_ends_at_done",
+        "_gaps",
+        "_high",
+        "_last",
+        "_transport",
+        "ended",
+    )
 
     def __init__(
         self,
         transport: asyncio.Transport,
         chunked: bool,
         drain: Callable[[], Awaitable[None]],
-        gaps: Histogram,
+        gaps: LoopHistogramChild,
+        ends_at_done: bool = False,
     ) -> None:
         self._transport = transport
         self._chunked = chunked
         self._drain = drain
         self._gaps = gaps
+        self._ends_at_done = ends_at_done and chunked
         self._high = transport.get_write_buffer_limits()[1]
         self._last = time.perf_counter()
+        self.ended = False
 
     def frame(self, block: bytes) -> bytes:
-        return b"%x\r\n%b\r\n" % (len(block), block) if self._chunked and block else block
+        if not self._chunked or not block:
+            return block
+        if self._ends_at_done and block.endswith(DONE):
+            self.ended = True
+            return b"%x\r\n%b\r\n%b" % (len(block), block, LAST_CHUNK)
+        return b"%x\r\n%b\r\n" % (len(block), block)
 
     def first_written(self, result: CallResult) -> None:
         self._last = result.first_write_at = time.perf_counter()
@@ -95,7 +118,7 @@ class Exchange(ABC):
 
     @abstractmethod
     async def open_stream(
-        self, headers: dict[str, str], first: bytes, gaps: Histogram
+        self, headers: dict[str, str], first: bytes, gaps: LoopHistogramChild
     ) -> ClientStream:
         """Send a 200 event stream's head with its first block (one write); ConnectionResetError
         when the client is gone."""

@@ -15,10 +15,9 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-from prometheus_client import Histogram
-
 from router.domain.policy import Decision
 from router.http.exchange import ClientStream, Exchange, Reply
+from router.loop_histogram import LoopHistogramChild
 from router.metrics import GatewayMetrics
 from router.result_cache import render_body, render_stream
 from router.upstream.call import UpstreamCall
@@ -107,7 +106,7 @@ async def _end_with_error(
     exchange: Exchange,
     sink: ClientStream | None,
     headers: dict[str, str],
-    gaps: Histogram,
+    gaps: LoopHistogramChild,
     message: str,
     code: str,
 ) -> None:

@@ -74,14 +74,18 @@ async def test_inserts_naming_a_worker_this_replica_does_not_know_are_ignored(
         policy = state.registry.pools[MODEL].policy
         assert isinstance(policy, HybridCost)
         known = state.registry.pools[MODEL].workers[0].id
-        # Another replica's inserts: one for a worker that left (or never was), one for ours.
-        for worker_id, keys in (("gone-worker", "11 12 13"), (known, "21 22 23")):
-            entry = {"replica": "other", "worker": worker_id, "keys": keys}
-            stream = Keys().index_stream_of(MODEL, worker_id)
-            await redis.xadd(stream, entry)  # type: ignore[arg-type]
-        await wait_for(
-            lambda: policy.index.blocks_of(known) > 0, what="the known worker's insert applied"
-        )
+
+        async def inserts_applied() -> bool:
+            # Another replica's inserts: one for a worker that left (or never was), one for
+            # ours; sent again until the follower (joining the streams' tails as it starts)
+            # applied ours.
+            for worker_id, keys in (("gone-worker", "11 12 13"), (known, "21 22 23")):
+                entry = {"replica": "other", "worker": worker_id, "keys": keys}
+                stream = Keys().index_stream_of(MODEL, worker_id)
+                await redis.xadd(stream, entry)  # type: ignore[arg-type]
+            return policy.index.blocks_of(known) > 0
+
+        await wait_for(inserts_applied, what="the known worker's insert applied")
         assert "gone-worker" not in policy.index.stats().blocks_per_worker
     finally:
         await runner.cleanup()

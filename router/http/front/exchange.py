@@ -12,10 +12,9 @@ from collections.abc import Iterator, Mapping
 from http import HTTPStatus
 from typing import TYPE_CHECKING, TypeVar, overload
 
-from prometheus_client import Histogram
-
 from router.errors import GatewayError
-from router.http.exchange import EVENT_STREAM, JSON, ClientStream, Exchange, Reply
+from router.http.exchange import EVENT_STREAM, JSON, LAST_CHUNK, ClientStream, Exchange, Reply
+from router.loop_histogram import LoopHistogramChild
 
 if TYPE_CHECKING:
     from router.http.front.protocol import FrontConnection
@@ -152,7 +151,7 @@ def error_bytes(error: GatewayError) -> bytes:
 
 
 class FrontExchange(Exchange):
-    __slots__ = ("_body", "_conn", "_keep_alive", "head_sent")
+    __slots__ = ("_body", "_conn", "_keep_alive", "_stream", "head_sent")
 
     def __init__(self, conn: FrontConnection, incoming: Incoming, request_id: str) -> None:
         super().__init__(incoming.path.decode("latin-1"), incoming.headers, request_id)
@@ -160,6 +159,7 @@ class FrontExchange(Exchange):
         self._body = incoming.body_bytes()
         self._keep_alive = incoming.keep_alive
         self.head_sent = False
+        self._stream: ClientStream | None = None
 
     async def read_body(self, max_bytes: int) -> bytes:
         return self._body  # read whole by the connection, within the same limit
@@ -171,19 +171,21 @@ class FrontExchange(Exchange):
         return transport
 
     async def open_stream(
-        self, headers: dict[str, str], first: bytes, gaps: Histogram
+        self, headers: dict[str, str], first: bytes, gaps: LoopHistogramChild
     ) -> ClientStream:
         transport = self._transport_or_gone()
         headers["Cache-Control"] = "no-cache"
         close = not self._keep_alive or self._conn.closing
         head = response_head(200, headers, EVENT_STREAM, "Transfer-Encoding: chunked", close)
-        stream = ClientStream(transport, True, self._conn.drain, gaps)
+        stream = ClientStream(transport, True, self._conn.drain, gaps, ends_at_done=True)
         transport.write(head + stream.frame(first))
         self.head_sent = True
+        self._stream = stream
         return stream
 
     async def end_stream(self) -> None:
-        self._transport_or_gone().write(b"0\r\n\r\n")
+        if self._stream is None or not self._stream.ended:
+            self._transport_or_gone().write(LAST_CHUNK)
 
     def send(self, reply: Reply) -> Written:
         """Write a whole reply; a reply after a stream's head cannot be sent (CUT)."""
