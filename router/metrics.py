@@ -15,7 +15,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from router.domain.worker import Health, Worker
-from router.loop_histogram import LoopHistogram
+from router.loop_metrics import LoopCounter, LoopCounterChild, LoopHistogram
 
 LATENCY_BUCKETS_S = (
     0.001,
@@ -116,7 +116,7 @@ class GatewayMetrics:
     def __init__(self, workers: Callable[[], Iterable[Worker]]) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.requests = Counter(
+        self.requests = LoopCounter(
             "prefix_router_requests",
             "Requests answered, by model, HTTP status and policy",
             ["model", "status", "policy"],
@@ -152,25 +152,25 @@ class GatewayMetrics:
             buckets=OVERHEAD_BUCKETS_S,
             registry=r,
         )
-        self.prompt_tokens = Counter(
+        self.prompt_tokens = LoopCounter(
             "prefix_router_prompt_tokens",
             "Prompt tokens reported by workers",
             ["model"],
             registry=r,
         )
-        self.cached_tokens = Counter(
+        self.cached_tokens = LoopCounter(
             "prefix_router_cached_prompt_tokens",
             "Prompt tokens workers served from their prefix cache",
             ["model"],
             registry=r,
         )
-        self.completion_tokens = Counter(
+        self.completion_tokens = LoopCounter(
             "prefix_router_completion_tokens",
             "Completion tokens reported by workers",
             ["model"],
             registry=r,
         )
-        self.decisions = Counter(
+        self.decisions = LoopCounter(
             "prefix_router_routing_decisions",
             "Routing decisions by policy and reason",
             ["policy", "reason"],
@@ -329,9 +329,9 @@ class ModelSeries:
         self.prompt_tokens = metrics.prompt_tokens.labels(model)
         self.cached_tokens = metrics.cached_tokens.labels(model)
         self.completion_tokens = metrics.completion_tokens.labels(model)
-        self._requests: dict[tuple[int, str], Counter] = {}
+        self._requests: dict[tuple[int, str], LoopCounterChild] = {}
 
-    def requests(self, status: int, policy: str) -> Counter:
+    def requests(self, status: int, policy: str) -> LoopCounterChild:
         child = self._requests.get((status, policy))
         if child is None:
             child = self._metrics.requests.labels(self._model, str(status), policy)
@@ -347,9 +347,9 @@ class PolicySeries:
         self._policy = policy
         self.decision_time = metrics.decision_time.labels(policy)
         self.matched_ratio = metrics.matched_ratio.labels(policy)
-        self._decisions: dict[str, Counter] = {}
+        self._decisions: dict[str, LoopCounterChild] = {}
 
-    def decisions(self, reason: str) -> Counter:
+    def decisions(self, reason: str) -> LoopCounterChild:
         child = self._decisions.get(reason)
         if child is None:
             child = self._decisions[reason] = self._metrics.decisions.labels(self._policy, reason)

@@ -11,7 +11,7 @@ from aiohttp import web
 
 from router.http.body import read_body
 from router.http.exchange import EVENT_STREAM, ClientStream, Exchange, Reply
-from router.loop_histogram import LoopHistogramChild
+from router.loop_metrics import LoopHistogramChild
 
 
 class AiohttpExchange(Exchange):

@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
 from router.auth import Tenant
-from router.loop_histogram import LoopHistogramChild
+from router.loop_metrics import LoopHistogramChild
 from router.upstream.call import CallResult
 from router.upstream.sse import DONE
 

@@ -54,13 +54,15 @@ def _choose_gate(
     prompt_tokens: int,
     max_tokens: int | None,
     adapter: str | None,
-) -> PoolGate:
-    """The pool itself, or its first fallback with room when it has none. A fallback serves
-    only tenants allowed its model and requests within its own limits: falling back never
-    widens what a key may use or what a pool accepts."""
+) -> tuple[PoolGate, bool]:
+    """The pool itself, or its first fallback with room when it has none; and whether the
+    gate chosen is saturated (the request waits in its queue). A fallback serves only tenants
+    allowed its model and requests within its own limits: falling back never widens what a
+    key may use or what a pool accepts."""
     gate = state.admission.gate(pool)
-    if pool.candidates(adapter) and not gate.saturated:
-        return gate
+    routable = bool(pool.candidates(adapter))
+    if routable and not gate.saturated:
+        return gate, False
     for name in pool.config.fallback_pools:
         fallback = state.registry.pools.get(name)
         if fallback is None or not tenant.may_use(fallback.name):
@@ -70,10 +72,10 @@ def _choose_gate(
             continue
         fallback_gate = state.admission.gate(fallback)
         if fallback.candidates(adapter) and not fallback_gate.saturated:
-            return fallback_gate
-    if not pool.candidates(adapter):
+            return fallback_gate, False
+    if not routable:
         raise NoCapacity(f"no healthy worker can serve model `{pool.name}` now", retry_after_s=1.0)
-    return gate  # saturated: wait in its queue
+    return gate, True  # saturated: wait in its queue
 
 
 async def forward_openai(
@@ -116,7 +118,8 @@ async def forward_openai(
             param="messages" if kind == "chat" else "prompt",
             code="context_length_exceeded",
         )
-    gate = _choose_gate(state, pool, tenant, prompt_tokens, max_tokens, adapter)
+    # Overload is judged on arrival: the request's own slot does not count.
+    gate, overloaded = _choose_gate(state, pool, tenant, prompt_tokens, max_tokens, adapter)
     if gate.pool is not pool:
         pool = gate.pool
         # The fallback's workers may tokenize differently: its own key, if it is precise.
@@ -127,7 +130,6 @@ async def forward_openai(
     )
     result = CallResult()
     exchange.access = result
-    overloaded = gate.saturated  # judged on arrival: the request's own slot does not count
     try:
         async with state.admission.slot(gate, priority_of(exchange, tenant)):
             cap = pool.config.overload_max_tokens

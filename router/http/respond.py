@@ -17,7 +17,7 @@ from typing import Any
 
 from router.domain.policy import Decision
 from router.http.exchange import ClientStream, Exchange, Reply
-from router.loop_histogram import LoopHistogramChild
+from router.loop_metrics import LoopHistogramChild
 from router.metrics import GatewayMetrics
 from router.result_cache import render_body, render_stream
 from router.upstream.call import UpstreamCall

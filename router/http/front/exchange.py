@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, TypeVar, overload
 
 from router.errors import GatewayError
 from router.http.exchange import EVENT_STREAM, JSON, LAST_CHUNK, ClientStream, Exchange, Reply
-from router.loop_histogram import LoopHistogramChild
+from router.loop_metrics import LoopHistogramChild
 
 if TYPE_CHECKING:
     from router.http.front.protocol import FrontConnection

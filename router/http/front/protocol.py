@@ -216,6 +216,7 @@ class FrontConnection(asyncio.Protocol):
         elif self._handover is not None:
             self._hand_over(self._handover)
         else:
+            self._last_data_at = self._loop.time()  # idle from the answer's end
             self._arm_idle()
 
     async def drain(self) -> None:
@@ -289,16 +290,21 @@ class FrontConnection(asyncio.Protocol):
             raise _Refused(error)
 
     def _arm_idle(self) -> None:
-        if self._idle is not None:
-            self._idle.cancel()
-        self._idle = self._loop.call_at(self._last_data_at + self._front.keepalive_s, self._expire)
+        """One timer per connection, moved only when it fires (not once per request)."""
+        if self._idle is None:
+            when = self._last_data_at + self._front.keepalive_s
+            self._idle = self._loop.call_at(when, self._expire)
 
     def _expire(self) -> None:
         self._idle = None
-        if self._task is not None or self.closing:
-            return  # a request in flight has its own deadlines
-        if self._loop.time() - self._last_data_at >= self._front.keepalive_s:
+        if self.closing:
+            return
+        now, keepalive_s = self._loop.time(), self._front.keepalive_s
+        if self._task is None and now - self._last_data_at >= keepalive_s:
             self.close()
+        elif self._task is not None:
+            # A request in flight has its own deadlines: look again a keep-alive later.
+            self._idle = self._loop.call_at(now + keepalive_s, self._expire)
         else:
             self._arm_idle()
 

@@ -1,10 +1,11 @@
-"""A Prometheus histogram for the event loop's own thread: no lock, one bisect per observation.
+"""Prometheus histograms and counters for the event loop's own thread: no lock, no checks.
 
-prometheus-client's histogram takes a lock for its sum and for the bucket it counts, and walks
-the buckets one by one; the gateway observes from the loop's thread alone (the handlers, the
-pumped relay and the `/metrics` handler all run there), where that is pure cost: the
-inter-token histogram is observed on every relayed chunk. Exported as the same histogram family
-(`_bucket`, `_count`, `_sum`) through a collector on the gateway's registry.
+prometheus-client's histogram takes a lock for its sum and for the bucket it counts and walks
+the buckets one by one, and each counter increment checks and locks too; the gateway counts
+from the loop's thread alone (the handlers, the pumped relay and the `/metrics` handler all run
+there), where that is pure cost: the inter-token histogram is observed on every relayed chunk.
+A histogram observation is one bisect; both export the same families as prometheus-client's
+(`_bucket`, `_count`, `_sum`; `_total`) through collectors on the gateway's registry.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import cast
 
 from prometheus_client import CollectorRegistry
-from prometheus_client.core import HistogramMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
@@ -74,4 +75,50 @@ class LoopHistogram(Collector):
                 total += count
                 buckets.append((name, float(total)))
             family.add_metric(list(values), buckets, child.sum)
+        yield family
+
+
+class LoopCounterChild:
+    """One label set's count: increment only from the event loop's thread."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0.0
+
+    def inc(self, amount: float = 1.0) -> None:
+        if amount < 0:
+            raise ValueError("a counter only goes up")
+        self.value += amount
+
+
+class LoopCounter(Collector):
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labelnames: Sequence[str],
+        registry: CollectorRegistry,
+    ) -> None:
+        self._name = name
+        self._documentation = documentation
+        self._labelnames = list(labelnames)
+        self._children: dict[tuple[str, ...], LoopCounterChild] = {}
+        registry.register(self)
+
+    def labels(self, *values: str) -> LoopCounterChild:
+        if len(values) != len(self._labelnames):
+            raise ValueError(f"{self._name} takes labels {self._labelnames}")
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = LoopCounterChild()
+        return child
+
+    def describe(self) -> list[Metric]:
+        return [CounterMetricFamily(self._name, self._documentation, labels=self._labelnames)]
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(self._name, self._documentation, labels=self._labelnames)
+        for values, child in list(self._children.items()):
+            family.add_metric(list(values), child.value)
         yield family

@@ -1,10 +1,11 @@
-"""The loop's lock-free histogram exports what prometheus-client's own would."""
+"""The loop's lock-free histogram and counter export what prometheus-client's own would."""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Histogram, generate_latest
+import pytest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
-from router.loop_histogram import LoopHistogram
+from router.loop_metrics import LoopCounter, LoopHistogram
 
 BUCKETS = (0.000005, 0.001, 0.01, 0.5, 1.0, 10.0)
 OBSERVED = [0.0, 0.000005, 0.0000051, 0.001, 0.0099, 0.5, 0.75, 1.0, 9.99, 10.0, 11.0, 1e9]
@@ -25,3 +26,17 @@ def test_buckets_count_and_sum_match_prometheus_clients_histogram() -> None:
             loop.labels(model).observe(value)
     assert _series(ours) == _series(theirs)
     assert any('le="+Inf"' in line and line.endswith(" 12.0") for line in _series(ours))
+
+
+def test_counts_match_prometheus_clients_counter_and_never_go_down() -> None:
+    theirs, ours = CollectorRegistry(), CollectorRegistry()
+    reference = Counter("tokens", "tokens seen", ["model", "kind"], registry=theirs)
+    loop = LoopCounter("tokens", "tokens seen", ["model", "kind"], registry=ours)
+    for labels, amount in ((("a", "x"), 1.0), (("a", "x"), 41.5), (("b", "y"), 3.0)):
+        reference.labels(*labels).inc(amount)
+        loop.labels(*labels).inc(amount)
+    assert _series(ours) == _series(theirs)
+    with pytest.raises(ValueError):
+        loop.labels("a", "x").inc(-1)
+    with pytest.raises(ValueError):
+        loop.labels("a")
