@@ -29,17 +29,27 @@ class JsonFormatter(logging.Formatter):
         return f"{self._stamp}.{int((created - second) * 1000):03d}Z"
 
     def format(self, record: logging.LogRecord) -> str:
-        entry: dict[str, object] = {
-            "ts": self._ts(record.created),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "msg": record.getMessage(),
+        fields = {
+            key: value
+            for key, value in record.__dict__.items()
+            if key not in _STANDARD and not key.startswith("_")
         }
-        for key, value in record.__dict__.items():
-            if key not in _STANDARD and not key.startswith("_"):
-                entry[key] = value
         if record.exc_info:
-            entry["exc"] = self.formatException(record.exc_info)
+            fields["exc"] = self.formatException(record.exc_info)
+        return self.line(
+            record.created, record.levelname.lower(), record.name, record.getMessage(), fields
+        )
+
+    def line(
+        self, created: float, level: str, logger: str, msg: str, fields: dict[str, object]
+    ) -> str:
+        entry: dict[str, object] = {
+            "ts": self._ts(created),
+            "level": level,
+            "logger": logger,
+            "msg": msg,
+        }
+        entry.update(fields)
         return json.dumps(entry, default=str)
 
 
@@ -64,12 +74,17 @@ class BatchedHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            self._lines.append(self.format(record))
+            line = self.format(record)
         except Exception:  # logging's own contract: report, never raise
             self.handleError(record)
             return
+        self.add_line(line, record.levelno)
+
+    def add_line(self, line: str, levelno: int = logging.INFO) -> None:
+        with self.lock:  # type: ignore[union-attr]  # created by Handler.__init__
+            self._lines.append(line)
         if (
-            record.levelno >= logging.WARNING
+            levelno >= logging.WARNING
             or len(self._lines) >= BATCH_LINES
             or time.monotonic() - self._flushed_at >= FLUSH_EVERY_S
         ):
@@ -77,7 +92,8 @@ class BatchedHandler(logging.Handler):
 
     def flush(self) -> None:
         self._flushed_at = time.monotonic()
-        lines, self._lines = self._lines, []
+        with self.lock:  # type: ignore[union-attr]
+            lines, self._lines = self._lines, []
         if not lines:
             return
         try:
@@ -85,6 +101,52 @@ class BatchedHandler(logging.Handler):
             self.stream.flush()
         except (OSError, ValueError):
             pass  # stderr closed or full: losing log lines must not fail requests
+
+
+class AccessLog:
+    """One JSON line per request on `logger` at INFO, formatted straight into the batched
+    handler when that is where the line would go anyway: a LogRecord, the logger's dispatch and
+    the formatter's walk over the record cost more than the line's own fields, once a request.
+    Whenever anything else could see the record (another handler, a filter, a test capturing
+    records, another formatter) it goes through `logging` as any line does, so what a line says
+    and where it goes stay the logging configuration's."""
+
+    def __init__(self, logger: logging.Logger, msg: str = "request") -> None:
+        self._logger = logger
+        self._msg = msg
+
+    def emit(self, fields: dict[str, object]) -> None:
+        logger = self._logger
+        if not logger.isEnabledFor(logging.INFO):
+            return
+        handler = self._sole_handler()
+        if handler is None:
+            logger.info(self._msg, extra=fields)
+            return
+        formatter = handler.formatter
+        assert isinstance(formatter, JsonFormatter)
+        handler.add_line(formatter.line(time.time(), "info", logger.name, self._msg, fields))
+
+    def _sole_handler(self) -> BatchedHandler | None:
+        """The root's BatchedHandler, if it alone would take this logger's INFO records."""
+        node: logging.Logger | None = self._logger
+        root = logging.getLogger()
+        while node is not None and node is not root:
+            if node.handlers or node.filters or not node.propagate:
+                return None
+            node = node.parent
+        handlers = root.handlers
+        if root.filters or len(handlers) != 1:
+            return None
+        handler = handlers[0]
+        if (
+            type(handler) is not BatchedHandler
+            or handler.filters
+            or handler.level > logging.INFO
+            or type(handler.formatter) is not JsonFormatter
+        ):
+            return None
+        return handler
 
 
 def flush_logs() -> None:

@@ -25,10 +25,12 @@ from router.errors import (
 from router.http.aio import EXCHANGE, AiohttpExchange, to_response
 from router.http.context import GatewayState, new_request_id, state_of
 from router.http.exchange import Exchange, Reply
+from router.logs import AccessLog
 from router.upstream.call import CallResult
 
 log = logging.getLogger("prefix_router.http")
 access_log = logging.getLogger("prefix_router.access")
+ACCESS_LOG = AccessLog(access_log)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 MODEL_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/generate", "/chat"})
@@ -158,10 +160,9 @@ def record(state: GatewayState, exchange: Exchange, outcome: Outcome) -> None:
         usage,
     )
     tenant = exchange.tenant
-    if access_log.isEnabledFor(logging.INFO):
-        access_log.info(
-            "request",
-            extra={
+    if access_log.isEnabledFor(logging.INFO):  # the line's fields cost only when logged
+        ACCESS_LOG.emit(
+            {
                 "request_id": request_id,
                 "path": exchange.path,
                 "model": model,
@@ -179,7 +180,7 @@ def record(state: GatewayState, exchange: Exchange, outcome: Outcome) -> None:
                 "cached_tokens": usage.cached_tokens if usage else None,
                 "completion_tokens": usage.completion_tokens if usage else None,
                 "duration_s": round(elapsed, 6),
-            },
+            }
         )
 
 
