@@ -4,9 +4,11 @@ A routing key is cut into fixed `block_chars` chunks of its UTF-8 bytes (only fu
 ~16 tokens each, like a vLLM KV block). Keys are given at *checkpoints*: every block for the first
 `2 * dense_blocks` blocks, then geometrically thinner (spacing = position // dense_blocks, rounded
 down to a power of two), so a 16k-token prompt (~1000 blocks) has ~112 keys, matched lengths are
-exact up to 32 blocks and within 1/dense_blocks beyond. Each key is the chained CRC-32 and
-Adler-32 of the prefix up to its checkpoint (64 bits, stable across processes and versions, so
-replicas can share inserts later). Chaining makes a key stand for its whole prefix.
+exact up to 32 blocks and within 1/dense_blocks beyond. Each key is the 64-bit XXH3 of the
+whole prefix up to its checkpoint, read off one running hash (stable across processes, so
+replicas share inserts); a key so stands for its whole prefix. XXH3 took the place of a chained
+CRC-32 and Adler-32 pair that hashed every byte twice: hashing a 16k-token prompt's 111
+checkpoints, 102 -> 49 µs.
 
 Each worker's entries sit in its own LRU (an OrderedDict, value = blocks the entry stands for)
 under a budget in blocks (its KV capacity, or `default_capacity_blocks`), plus a global bound
@@ -29,7 +31,6 @@ prompt; decision = hashing, match and hybrid scoring of 8 workers), p50/p99 µs:
 
 from __future__ import annotations
 
-import zlib
 from bisect import bisect_right
 from collections import OrderedDict
 from collections.abc import Iterable
@@ -37,6 +38,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pygtrie
+import xxhash
 
 from router.config import IndexConfig
 from router.domain.calibration import CHARS_PER_TOKEN, TokenCalibration
@@ -117,24 +119,24 @@ class PrefixIndex:
     # -- keys -------------------------------------------------------------------------------
 
     def block_keys(self, key: str, partition: str = "") -> list[int]:
-        """Chained 64-bit keys of `key`'s checkpoints, shallowest first.
+        """64-bit keys of `key`'s checkpoints (each its whole prefix's hash), shallowest first.
 
         A non-empty `partition` (the request's LoRA adapter and cache_salt, which vLLM mixes
-        into its block hashes) seeds the chain, so equal text in two partitions shares no key,
+        into its block hashes) seeds the hash, so equal text in two partitions shares no key,
         as it shares no KV block on a worker."""
         data = memoryview(key.encode("utf-8", "surrogatepass"))
         count = self._checkpoints.count(len(data) // self.block_chars)
-        crc32, adler32 = zlib.crc32, zlib.adler32
+        seed = (
+            xxhash.xxh3_64_intdigest(partition.encode("utf-8", "surrogatepass")) if partition else 0
+        )
+        running = xxhash.xxh3_64(seed=seed)
+        update, digest = running.update, running.intdigest
         out: list[int] = []
-        crc, adl, lo = 0, 1, 0
-        if partition:
-            seed = partition.encode("utf-8", "surrogatepass")
-            crc, adl = crc32(seed), adler32(seed)
+        append = out.append
+        lo = 0
         for hi in self._checkpoints.byte_offsets[:count]:
-            segment = data[lo:hi]
-            crc = crc32(segment, crc)
-            adl = adler32(segment, adl)
-            out.append(crc << 32 | adl)
+            update(data[lo:hi])
+            append(digest())
             lo = hi
         return out
 
