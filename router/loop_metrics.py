@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Callable, Iterator, Sequence
-from typing import cast
+from typing import Generic, TypeVar, cast
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
@@ -38,7 +38,51 @@ class LoopHistogramChild:
         self.sum += value
 
 
-class LoopHistogram(Collector):
+class LoopCounterChild:
+    """One label set's count: increment only from the event loop's thread."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0.0
+
+    def inc(self, amount: float = 1.0) -> None:
+        if amount < 0:
+            raise ValueError("a counter only goes up")
+        self.value += amount
+
+
+_Child = TypeVar("_Child")
+
+
+class _Labelled(Collector, Generic[_Child]):
+    """A metric's children by label values, registered on `registry`."""
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labelnames: Sequence[str],
+        registry: CollectorRegistry,
+        new_child: Callable[[], _Child],
+    ) -> None:
+        self._name = name
+        self._documentation = documentation
+        self._labelnames = list(labelnames)
+        self._new_child = new_child
+        self._children: dict[tuple[str, ...], _Child] = {}
+        registry.register(self)
+
+    def labels(self, *values: str) -> _Child:
+        if len(values) != len(self._labelnames):
+            raise ValueError(f"{self._name} takes labels {self._labelnames}")
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = self._new_child()
+        return child
+
+
+class LoopHistogram(_Labelled[LoopHistogramChild]):
     def __init__(
         self,
         name: str,
@@ -47,20 +91,11 @@ class LoopHistogram(Collector):
         buckets: Sequence[float],
         registry: CollectorRegistry,
     ) -> None:
-        self._name = name
-        self._documentation = documentation
-        self._labelnames = list(labelnames)
-        self._bounds = tuple(sorted(float(b) for b in buckets))
-        self._children: dict[tuple[str, ...], LoopHistogramChild] = {}
-        registry.register(self)
-
-    def labels(self, *values: str) -> LoopHistogramChild:
-        if len(values) != len(self._labelnames):
-            raise ValueError(f"{self._name} takes labels {self._labelnames}")
-        child = self._children.get(values)
-        if child is None:
-            child = self._children[values] = LoopHistogramChild(self._bounds)
-        return child
+        bounds = tuple(sorted(float(b) for b in buckets))
+        super().__init__(
+            name, documentation, labelnames, registry, lambda: LoopHistogramChild(bounds)
+        )
+        self._bounds = bounds
 
     def describe(self) -> list[Metric]:
         return [HistogramMetricFamily(self._name, self._documentation, labels=self._labelnames)]
@@ -78,21 +113,7 @@ class LoopHistogram(Collector):
         yield family
 
 
-class LoopCounterChild:
-    """One label set's count: increment only from the event loop's thread."""
-
-    __slots__ = ("value",)
-
-    def __init__(self) -> None:
-        self.value = 0.0
-
-    def inc(self, amount: float = 1.0) -> None:
-        if amount < 0:
-            raise ValueError("a counter only goes up")
-        self.value += amount
-
-
-class LoopCounter(Collector):
+class LoopCounter(_Labelled[LoopCounterChild]):
     def __init__(
         self,
         name: str,
@@ -100,19 +121,7 @@ class LoopCounter(Collector):
         labelnames: Sequence[str],
         registry: CollectorRegistry,
     ) -> None:
-        self._name = name
-        self._documentation = documentation
-        self._labelnames = list(labelnames)
-        self._children: dict[tuple[str, ...], LoopCounterChild] = {}
-        registry.register(self)
-
-    def labels(self, *values: str) -> LoopCounterChild:
-        if len(values) != len(self._labelnames):
-            raise ValueError(f"{self._name} takes labels {self._labelnames}")
-        child = self._children.get(values)
-        if child is None:
-            child = self._children[values] = LoopCounterChild()
-        return child
+        super().__init__(name, documentation, labelnames, registry, LoopCounterChild)
 
     def describe(self) -> list[Metric]:
         return [CounterMetricFamily(self._name, self._documentation, labels=self._labelnames)]

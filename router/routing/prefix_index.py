@@ -16,11 +16,12 @@ under a budget in blocks (its KV capacity, or `default_capacity_blocks`), plus a
 prefix-closed and eviction always takes its least recently used, deepest entries first.
 
 Two structures map keys to holders (a bitmask of worker slots) behind the same API:
-- `flat` (default): one dict keyed by chained key; matching looks keys up until the first miss.
+- `flat` (default): one dict keyed by prefix key; matching looks keys up until the first miss.
 - `pygtrie`: a `pygtrie.Trie` whose paths are key sequences, nodes pruned when nobody holds them.
 
 Measured on the 2-core dev box (`prefix-router bench index`, 1M blocks over 8 workers, 16k-token
-prompt; decision = hashing, match and hybrid scoring of 8 workers), p50/p99 µs:
+prompt; decision = hashing, match and hybrid scoring of 8 workers), p50/p99 µs, with the earlier
+CRC keys (on a slower box, with XXH3 keys: flat hit 143/291, miss 93/176):
 - flat:    hit 95/145, miss 80/114; pick with its insert 114/168 (hit), 191/475 (miss);
            18 bytes per indexed block (146 per entry).
 - pygtrie: hit 125/194, miss 81/128; pick 145/220 (hit), 2563/5913 (miss: pygtrie creates each
