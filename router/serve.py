@@ -45,6 +45,7 @@ async def serve_until_stopped(config: GatewayConfig, config_path: str | None = N
     runner, url = await start_gateway(config, config_path)
     settle_gc()
     state = runner.app[STATE]
+    state.on_reload.append(lambda _config: settle_gc())
     log.info("prefix-router listening on %s", url)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -89,6 +90,7 @@ def settle_gc() -> None:
     and routing state built at startup). What exists now is moved out of the collector's view
     for good (`gc.freeze`), and young collections run 30x less often: the few cycles requests
     make (a task and its exception) wait a little longer to be freed."""
+    gc.unfreeze()  # after a reload: what it replaced may be garbage now
     gc.collect()
     gc.freeze()
     _, middle, old = gc.get_threshold()

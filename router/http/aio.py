@@ -54,7 +54,8 @@ def exchange_of(request: web.Request) -> AiohttpExchange:
 
 def to_response(exchange: AiohttpExchange, reply: Reply) -> web.StreamResponse:
     if reply.body is None:
-        assert exchange.response is not None, "a streamed reply was written"
+        if exchange.response is None:  # its head could not be sent
+            raise ConnectionResetError("the client went away before the answer's head")
         return exchange.response
     return web.Response(
         body=reply.body,

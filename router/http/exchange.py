@@ -52,6 +52,7 @@ class ClientStream:
         "_gaps",
         "_high",
         "_last",
+        "_on_last",
         "_transport",
         "ended",
     )
@@ -63,6 +64,7 @@ class ClientStream:
         drain: Callable[[], Awaitable[None]],
         gaps: LoopHistogramChild,
         ends_at_done: bool = False,
+        on_last: Callable[[], None] | None = None,
     ) -> None:
         self._transport = transport
         self._chunked = chunked
@@ -71,6 +73,7 @@ class ClientStream:
         self._ends_at_done = ends_at_done and chunked
         self._high = transport.get_write_buffer_limits()[1]
         self._last = time.perf_counter()
+        self._on_last = on_last
         self.ended = False
 
     def frame(self, block: bytes) -> bytes:
@@ -78,6 +81,8 @@ class ClientStream:
             return block
         if self._ends_at_done and block.endswith(DONE):
             self.ended = True
+            if self._on_last is not None:
+                self._on_last()
             return b"%x\r\n%b\r\n%b" % (len(block), block, LAST_CHUNK)
         return b"%x\r\n%b\r\n" % (len(block), block)
 
@@ -85,6 +90,8 @@ class ClientStream:
         self._last = result.first_write_at = time.perf_counter()
 
     def write(self, block: bytes) -> None:
+        if self.ended:
+            return  # nothing may follow the body's last chunk
         transport = self._transport
         if transport.is_closing():
             raise ConnectionResetError("the client went away")

@@ -62,6 +62,8 @@ async def stream_reply(
                     await answer.pump(sink)
                     break
                 except StreamBroken as exc:
+                    if answer.saw_done:
+                        break  # after its [DONE]: the client has the whole answer
                     # The worker broke: book it, then let another one continue the answer.
                     dispatcher.stream_broke(answer, exc.cause)
                     continued = await migrator.resume(answer, exc.cause, deadline)
@@ -82,18 +84,23 @@ async def stream_reply(
     except TimeoutError:
         if not scope.expired():
             raise
-        dispatcher.stream_overdue(answer)
-        metrics.stream_errors.labels(call.pool.name).inc()
-        await _end_with_error(
-            exchange, sink, headers, gaps, "the request ran past its total deadline", "timeout"
-        )
-        return Reply(STREAMED, None)
+        if not answer.saw_done:  # after its [DONE], the client had the whole answer
+            dispatcher.stream_overdue(answer)
+            metrics.stream_errors.labels(call.pool.name).inc()
+            await _end_with_error(
+                exchange, sink, headers, gaps, "the request ran past its total deadline", "timeout"
+            )
+            return Reply(STREAMED, None)
     finally:
         if answer is not first:
             answer.close()
-    # The client's answer ends first, then the books (policy, index, learned rates): the
-    # client's last byte does not wait for them. A client that read [DONE] may hang up before
-    # the last chunk: nothing was lost.
+    return await _ended(exchange, dispatcher, answer)
+
+
+async def _ended(exchange: Exchange, dispatcher: Dispatcher, answer: Answer) -> Reply:
+    """The client's answer ends first, then the books (policy, index, learned rates): the
+    client's last byte does not wait for them. A client that read [DONE] may hang up before
+    the last chunk: nothing was lost."""
     try:
         with contextlib.suppress(ConnectionError):
             await exchange.end_stream()

@@ -269,3 +269,51 @@ async def test_a_connection_idle_past_its_keepalive_is_closed(sent: bytes) -> No
     finally:
         server.close()
         await server.wait_closed()
+
+
+async def test_a_compressed_body_is_inflated_by_aiohttp(
+    conn: tuple[_Reader, asyncio.StreamWriter],
+) -> None:
+    import gzip
+
+    reader, writer = conn
+    body = gzip.compress(json.dumps({"model": MODEL, "prompt": "a b", "max_tokens": 2}).encode())
+    writer.write(post("/v1/completions", body, Content_Encoding="gzip"))
+    answer = await reader.response()
+    assert answer.status == 200 and json.loads(answer.body)["usage"]["prompt_tokens"] > 0
+
+
+def test_nothing_follows_the_last_chunk_of_a_stream() -> None:
+    """The block carrying [DONE] goes out with the body's last chunk; whatever the relay writes
+    after it (an error event after a late break) must not reach the client. A recording
+    transport stands in for the socket: the framing is the point here."""
+    from router.http.exchange import LAST_CHUNK, ClientStream
+    from router.loop_metrics import LoopHistogramChild
+
+    class Transport(asyncio.Transport):
+        def __init__(self) -> None:
+            super().__init__()
+            self.sent: list[bytes] = []
+
+        def write(self, data: bytes | bytearray | memoryview) -> None:
+            self.sent.append(bytes(data))
+
+        def is_closing(self) -> bool:
+            return False
+
+        def get_write_buffer_limits(self) -> tuple[int, int]:
+            return (0, 65536)
+
+    async def drain() -> None:
+        return None
+
+    ended: list[bool] = []
+    transport = Transport()
+    stream = ClientStream(
+        transport, True, drain, LoopHistogramChild((1.0,)), ends_at_done=True,
+        on_last=lambda: ended.append(True),
+    )  # fmt: skip
+    stream.write(b'data: {"x": 1}\n\ndata: [DONE]\n\n')
+    stream.write(b'data: {"error": "late"}\n\n')
+    assert stream.ended and ended == [True]
+    assert len(transport.sent) == 1 and transport.sent[0].endswith(LAST_CHUNK)

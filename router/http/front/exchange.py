@@ -97,6 +97,7 @@ class Incoming:
 class Written(enum.Enum):
     WHOLE = "whole"  # the answer went out whole: the connection may serve another request
     CUT = "cut"  # it could not be finished as HTTP: the connection must close
+    GONE = "gone"  # the client went away before it
 
 
 _REASONS = {status.value: status.phrase for status in HTTPStatus}
@@ -134,19 +135,22 @@ def response_head(
         framing,
         f"Date: {_DATE.now()}",
     ]
-    lines.extend(f"{name}: {value}" for name, value in headers.items())
+    for name, value in headers.items():
+        if "\r" in value or "\n" in value:
+            value = " ".join(value.splitlines())  # never a header line of its own
+        lines.append(f"{name}: {value}")
     if close:
         lines.append("Connection: close")
     lines.append("\r\n")
-    return "\r\n".join(lines).encode("latin-1")
+    return "\r\n".join(lines).encode("latin-1", "replace")
 
 
-def error_bytes(error: GatewayError) -> bytes:
+def error_bytes(error: GatewayError, request_id: str) -> bytes:
     """A whole error response for a request the front refuses before any handler ran."""
     body = error.body_bytes()
-    head = response_head(
-        error.status, error.headers(), JSON, f"Content-Length: {len(body)}", close=True
-    )
+    headers = error.headers()
+    headers["X-Request-Id"] = request_id
+    head = response_head(error.status, headers, JSON, f"Content-Length: {len(body)}", close=True)
     return head + body
 
 
@@ -177,7 +181,9 @@ class FrontExchange(Exchange):
         headers["Cache-Control"] = "no-cache"
         close = not self._keep_alive or self._conn.closing
         head = response_head(200, headers, EVENT_STREAM, "Transfer-Encoding: chunked", close)
-        stream = ClientStream(transport, True, self._conn.drain, gaps, ends_at_done=True)
+        stream = ClientStream(
+            transport, True, self._conn.drain, gaps, ends_at_done=True, on_last=self._answered
+        )
         transport.write(head + stream.frame(first))
         self.head_sent = True
         self._stream = stream
@@ -187,14 +193,22 @@ class FrontExchange(Exchange):
         if self._stream is None or not self._stream.ended:
             self._transport_or_gone().write(LAST_CHUNK)
 
+    def _answered(self) -> None:
+        self._conn.answered = True
+
     def send(self, reply: Reply) -> Written:
         """Write a whole reply; a reply after a stream's head cannot be sent (CUT)."""
         body = reply.body
         transport = self._conn.transport
-        if self.head_sent or body is None or transport is None or transport.is_closing():
-            return Written.CUT if body is not None else Written.WHOLE
+        if body is None:
+            return Written.WHOLE  # a stream, written whole (a cut one raised instead)
+        if transport is None or transport.is_closing():
+            return Written.GONE
+        if self.head_sent:
+            return Written.CUT
         close = not self._keep_alive or self._conn.closing
         framing = f"Content-Length: {len(body)}"
         head = response_head(reply.status, reply.headers, reply.content_type, framing, close)
         transport.write(head + body)
+        self._answered()
         return Written.WHOLE

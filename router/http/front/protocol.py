@@ -18,13 +18,17 @@ cancelled, as aiohttp does.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
 
 import httptools
 
 from router.errors import GatewayError, InvalidRequest, PayloadTooLarge
+from router.http.context import new_request_id
 from router.http.front.exchange import Incoming, Written, error_bytes
+
+log = logging.getLogger("prefix_router.http")
 
 MAX_HEAD_BYTES = 64 * 1024
 """A request head (request line and headers) above this is refused with 431."""
@@ -86,6 +90,7 @@ class FrontConnection(asyncio.Protocol):
         self._write_paused = False
         self._drained: asyncio.Future[None] | None = None
         self.closing = False  # no request is served after the current one
+        self.answered = False  # the current request's answer went out whole
         self._gone = False
 
     # asyncio.Protocol
@@ -122,7 +127,9 @@ class FrontConnection(asyncio.Protocol):
         self.closing = self._gone = True
         if self._idle is not None:
             self._idle.cancel()
-        if self._task is not None:
+        if self._task is not None and not self.answered:
+            # A client that hung up after its answer's last byte lost nothing: the request
+            # ends (and is booked) as it would have; any other is cancelled, as aiohttp does.
             self._task.cancel()
         self._wake_drained(ConnectionResetError("the client went away"))
 
@@ -152,11 +159,14 @@ class FrontConnection(asyncio.Protocol):
         assert incoming is not None
         incoming.head_done = True
         parser = self._parser
+        headers = incoming.headers
         served = (
             parser.get_method() == b"POST"
             and incoming.path in HOT_PATHS
             and parser.get_http_version() == "1.1"
             and not parser.should_upgrade()
+            # A compressed body is aiohttp's to inflate.
+            and headers.get("content-encoding", "identity").lower() == "identity"
         )
         if not served:
             if not incoming.starts_read:
@@ -170,7 +180,10 @@ class FrontConnection(asyncio.Protocol):
             raise _Refused(
                 PayloadTooLarge(f"request body of {length} bytes is over the {limit} limit")
             )
-        if incoming.headers.get("expect", "").lower() == "100-continue" and self.transport:
+        expects = headers.get("expect", "").lower() == "100-continue"
+        if expects and self.transport and self._task is None and not self._queue:
+            # Not while another answer is being written: it would land inside that answer
+            # (the client sends its body anyway when no interim answer comes).
             self.transport.write(_CONTINUE)
 
     def on_body(self, body: bytes) -> None:
@@ -198,18 +211,26 @@ class FrontConnection(asyncio.Protocol):
     async def _run(self) -> None:
         try:
             while self._queue and not self.closing:
+                if self._write_paused:
+                    await self.drain()  # a client that reads nothing gets no more answers
                 incoming = self._queue.popleft()
-                if self.transport is not None and len(self._queue) < MAX_QUEUED:
+                waiting = self._handover is not None or self._refusal is not None
+                if self.transport is not None and len(self._queue) < MAX_QUEUED and not waiting:
                     self.transport.resume_reading()
+                self.answered = False
                 written = await self._front.serve(self, incoming)
                 if written is not Written.WHOLE or not incoming.keep_alive:
                     self.closing = True
         except ConnectionError:
             self.closing = True
+        except Exception:  # a defect: the connection cannot be trusted to be in step
+            log.exception("the front failed serving a request")
+            self.closing = True
         finally:
             self._task = None
+            self.answered = False
         if self._refusal is not None and not self._gone and self.transport is not None:
-            self.transport.write(error_bytes(self._refusal))
+            self.transport.write(error_bytes(self._refusal, new_request_id(None)))
             self.close()
         elif self.closing or self._front.closing:
             self.close()
@@ -264,8 +285,8 @@ class FrontConnection(asyncio.Protocol):
         protocol.connection_made(transport)
         if self._write_paused:
             protocol.pause_writing()
+        transport.resume_reading()  # before the replay: aiohttp may pause it again
         protocol.data_received(b"".join(head))
-        transport.resume_reading()
 
     def _refuse(self, error: GatewayError) -> None:
         """Answer `error` after the requests read before it, then close."""
@@ -274,7 +295,7 @@ class FrontConnection(asyncio.Protocol):
         if transport is None or transport.is_closing():
             return
         if self._task is None:
-            transport.write(error_bytes(error))
+            transport.write(error_bytes(error, new_request_id(None)))
             self.close()
         else:
             self._refusal = error

@@ -18,7 +18,7 @@ from router.http.body import Kind
 from router.http.context import GatewayState, new_request_id
 from router.http.front.exchange import FrontExchange, Incoming, Written
 from router.http.front.protocol import Front, FrontConnection
-from router.http.middleware import Outcome, failure_reply, record
+from router.http.middleware import CLIENT_GONE, Outcome, failure_reply, record
 from router.http.openai import completions
 
 _KINDS: dict[bytes, Kind] = {b"/v1/chat/completions": "chat", b"/v1/completions": "completions"}
@@ -30,13 +30,17 @@ async def serve(state: GatewayState, conn: FrontConnection, incoming: Incoming) 
     exchange = FrontExchange(conn, incoming, new_request_id(headers.get("x-request-id")))
     outcome = Outcome()
     try:
-        reply = outcome.answered(await completions(exchange, state, _KINDS[incoming.path]))
-    except BaseException as exc:
-        # A client that went away is re-raised: the connection is closing already.
-        reply = failure_reply(exc, exchange, outcome)
+        try:
+            reply = outcome.answered(await completions(exchange, state, _KINDS[incoming.path]))
+        except BaseException as exc:
+            # A client that went away is re-raised: the connection is closing already.
+            reply = failure_reply(exc, exchange, outcome)
+        written = exchange.send(reply)
+        if written is Written.GONE:
+            outcome.status = CLIENT_GONE
+        return written
     finally:
-        record(state, exchange, outcome)
-    return exchange.send(reply)
+        record(state, exchange, outcome)  # after the answer's last byte went out
 
 
 class FrontSite(web.BaseSite):
