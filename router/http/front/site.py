@@ -90,21 +90,36 @@ class FrontSite(web.BaseSite):
         return self._port
 
     async def stop(self) -> None:
-        front = self._front
+        """Close the listener, then drain the front's connections and those it handed to
+        aiohttp together, within one drain timeout (the runner's own aiohttp drain that
+        follows then finds nothing left)."""
         if self._server is not None:
             self._server.close()
-        if front is not None:
-            front.closing = True
-            busy = []
-            for conn in list(front.connections):
-                if conn.task is None:
-                    conn.close()
-                else:
-                    conn.closing = True
-                    busy.append(conn)
-            tasks = [conn.task for conn in busy if conn.task is not None]
-            if tasks:
-                await asyncio.wait(tasks, timeout=self._drain_s)
-            for conn in busy:
-                conn.cancel()
+        server = self._runner.server
+        drains = [self._drain_front()]
+        if server is not None:
+            server.pre_shutdown()  # handed-over connections close after their request
+            drains.append(server.shutdown(self._drain_s))
+        await asyncio.gather(*drains)
         await super().stop()
+
+    async def _drain_front(self) -> None:
+        front = self._front
+        if front is None:
+            return
+        front.closing = True
+        busy = []
+        for conn in list(front.connections):
+            if conn.task is None:
+                conn.close()
+            else:
+                conn.closing = True
+                busy.append(conn)
+        tasks = [conn.task for conn in busy if conn.task is not None]
+        if tasks:
+            await asyncio.wait(tasks, timeout=self._drain_s)
+        for conn in busy:
+            conn.cancel()
+        left = [conn.task for conn in busy if conn.task is not None]
+        if left:
+            await asyncio.wait(left)  # cancelled: their cleanup runs before the app's
