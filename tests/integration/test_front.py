@@ -4,6 +4,7 @@ with the connection, and how it refuses what it cannot take."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -68,12 +69,21 @@ async def url(sims: SimFactory, gateway: GatewayFactory) -> str:
 
 @pytest.fixture
 async def conn(url: str) -> AsyncIterator[tuple[_Reader, asyncio.StreamWriter]]:
+    async with connected(url) as opened:
+        yield opened
+
+
+@contextlib.asynccontextmanager
+async def connected(url: str) -> AsyncIterator[tuple[_Reader, asyncio.StreamWriter]]:
+    """One raw connection to the gateway at `url`, closed afterwards."""
     address = yarl.URL(url)
     assert address.host is not None and address.port is not None
     reader, writer = await asyncio.open_connection(address.host, address.port)
-    yield _Reader(reader), writer
-    writer.close()
-    await writer.wait_closed()
+    try:
+        yield _Reader(reader), writer
+    finally:
+        writer.close()
+        await writer.wait_closed()
 
 
 def completion(stream: bool = False, **headers: str) -> bytes:
@@ -132,20 +142,13 @@ async def test_a_body_over_the_limit_is_refused_before_it_is_read(
 ) -> None:
     workers = await sims(1)
     url = await gateway(gateway_config([w.url for w in workers], limits={"max_body_bytes": 2000}))
-    address = yarl.URL(url)
-    assert address.host is not None and address.port is not None
-    raw_reader, writer = await asyncio.open_connection(address.host, address.port)
-    reader = _Reader(raw_reader)
-    try:
+    async with connected(url) as (reader, writer):
         head = post("/v1/completions", b"", Expect="100-continue")
         writer.write(head.replace(b"Content-Length: 0", b"Content-Length: 5000"))
         refused = await reader.response()  # no 100 Continue: the body is never sent
         assert refused.status == 413
         assert json.loads(refused.body)["error"]["type"] == "invalid_request_error"
         assert await reader.closed()
-    finally:
-        writer.close()
-        await writer.wait_closed()
 
 
 async def test_expect_continue_gets_its_interim_answer_then_the_response(
@@ -232,18 +235,11 @@ async def test_connections_are_dropped_on_stop(sims: SimFactory) -> None:
 
     workers = await sims(1)
     runner, url = await start_gateway(gateway_config([w.url for w in workers]))
-    address = yarl.URL(url)
-    assert address.host is not None and address.port is not None
-    raw_reader, writer = await asyncio.open_connection(address.host, address.port)
-    reader = _Reader(raw_reader)
-    try:
+    async with connected(url) as (reader, writer):
         writer.write(completion())
         assert (await reader.response()).status == 200
         await runner.cleanup()  # the idle kept-alive connection closes with the gateway
         assert await reader.closed()
-    finally:
-        writer.close()
-        await writer.wait_closed()
 
 
 @pytest.mark.parametrize(
