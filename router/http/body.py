@@ -16,10 +16,17 @@ from router.errors import InvalidRequest, PayloadTooLarge
 Kind = Literal["chat", "completions"]
 
 
+def too_large(max_bytes: int, length: int | None = None) -> PayloadTooLarge:
+    """The 413 of a body over `max_bytes` (`length`: as its Content-Length announced)."""
+    if length is not None:
+        return PayloadTooLarge(f"request body of {length} bytes is over the {max_bytes} limit")
+    return PayloadTooLarge(f"request body is over the {max_bytes} byte limit")
+
+
 async def read_body(request: web.Request, max_bytes: int) -> bytes:
     length = request.content_length
     if length is not None and length > max_bytes:
-        raise PayloadTooLarge(f"request body of {length} bytes is over the {max_bytes} limit")
+        raise too_large(max_bytes, length)
     # `read(n)` returns what has arrived so far, not n bytes: a body that comes in several
     # segments (any large prompt over a real network) is read until its end.
     parts: list[bytes] = []
@@ -29,7 +36,7 @@ async def read_body(request: web.Request, max_bytes: int) -> bytes:
             parts.append(chunk)
             size += len(chunk)
             if size > max_bytes:
-                raise PayloadTooLarge(f"request body is over the {max_bytes} byte limit")
+                raise too_large(max_bytes)
     except ConnectionError as exc:
         raise InvalidRequest(f"could not read the request body: {exc}") from None
     return parts[0] if len(parts) == 1 else b"".join(parts)

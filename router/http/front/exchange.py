@@ -60,6 +60,7 @@ class Incoming:
         "body_size",
         "head_done",
         "head_size",
+        "headers",
         "keep_alive",
         "starts_read",
         "url",
@@ -69,6 +70,7 @@ class Incoming:
         self.starts_read = starts_read  # its first byte began a read: it can be handed over
         self.url = b""
         self._headers: dict[str, str] = {}
+        self.headers = Headers(self._headers)  # a view: headers added later show in it
         self.head_done = False
         self.head_size = 0
         self.body: list[bytes] = []
@@ -77,10 +79,6 @@ class Incoming:
 
     def add_header(self, name: bytes, value: bytes) -> None:
         self._headers.setdefault(name.decode("latin-1").lower(), value.decode("latin-1"))
-
-    @property
-    def headers(self) -> Headers:
-        return Headers(self._headers)
 
     @property
     def path(self) -> bytes:

@@ -24,7 +24,8 @@ from collections.abc import Awaitable, Callable
 
 import httptools
 
-from router.errors import GatewayError, InvalidRequest, PayloadTooLarge
+from router.errors import GatewayError, InvalidRequest
+from router.http.body import too_large
 from router.http.context import new_request_id
 from router.http.front.exchange import Incoming, Written, error_bytes
 
@@ -116,11 +117,13 @@ class FrontConnection(asyncio.Protocol):
             context = exc.__context__
             if isinstance(context, _HandedOver):
                 return
-            self._refuse(context.error if isinstance(context, _Refused) else _bad("bad request"))
+            self._refuse(
+                context.error if isinstance(context, _Refused) else InvalidRequest("bad request")
+            )
         except httptools.HttpParserUpgrade:
-            self._refuse(_bad("protocol upgrades are not served here"))
+            self._refuse(InvalidRequest("protocol upgrades are not served here"))
         except httptools.HttpParserError:
-            self._refuse(_bad("malformed HTTP request"))
+            self._refuse(InvalidRequest("malformed HTTP request"))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._front.connections.discard(self)
@@ -170,16 +173,16 @@ class FrontConnection(asyncio.Protocol):
         )
         if not served:
             if not incoming.starts_read:
-                raise _Refused(_bad("a pipelined request to this path must come on its own"))
+                raise _Refused(
+                    InvalidRequest("a pipelined request to this path must come on its own")
+                )
             self._hand_over(self._head)
             raise _HandedOver
         self._head = []
         length = incoming.content_length()
         limit = self._front.max_body_bytes
         if length is not None and length > limit:
-            raise _Refused(
-                PayloadTooLarge(f"request body of {length} bytes is over the {limit} limit")
-            )
+            raise _Refused(too_large(limit, length))
         expects = headers.get("expect", "").lower() == "100-continue"
         if expects and self.transport and self._task is None and not self._queue:
             # Not while another answer is being written: it would land inside that answer
@@ -192,8 +195,7 @@ class FrontConnection(asyncio.Protocol):
         incoming.body.append(body)
         incoming.body_size += len(body)
         if incoming.body_size > self._front.max_body_bytes:
-            limit = self._front.max_body_bytes
-            raise _Refused(PayloadTooLarge(f"request body is over the {limit} byte limit"))
+            raise _Refused(too_large(self._front.max_body_bytes))
 
     def on_message_complete(self) -> None:
         incoming = self._incoming
@@ -229,9 +231,8 @@ class FrontConnection(asyncio.Protocol):
         finally:
             self._task = None
             self.answered = False
-        if self._refusal is not None and not self._gone and self.transport is not None:
-            self.transport.write(error_bytes(self._refusal, new_request_id(None)))
-            self.close()
+        if self._refusal is not None and not self._gone:
+            self._send_refusal(self._refusal)
         elif self.closing or self._front.closing:
             self.close()
         elif self._handover is not None:
@@ -295,11 +296,15 @@ class FrontConnection(asyncio.Protocol):
         if transport is None or transport.is_closing():
             return
         if self._task is None:
-            transport.write(error_bytes(error, new_request_id(None)))
-            self.close()
+            self._send_refusal(error)
         else:
             self._refusal = error
             transport.pause_reading()
+
+    def _send_refusal(self, error: GatewayError) -> None:
+        if self.transport is not None:
+            self.transport.write(error_bytes(error, new_request_id(None)))
+        self.close()
 
     def _check_head(self, size: int) -> None:
         incoming = self._incoming
@@ -336,7 +341,3 @@ class FrontConnection(asyncio.Protocol):
                 waiter.set_result(None)
             else:
                 waiter.set_exception(exc)
-
-
-def _bad(message: str) -> GatewayError:
-    return InvalidRequest(message)
