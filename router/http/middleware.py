@@ -12,9 +12,11 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 from aiohttp import web
 
+from router.auth import Tenant
 from router.errors import (
     GatewayError,
     InvalidRequest,
@@ -122,7 +124,39 @@ async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
             record(state_of(request), exchange, outcome)
 
 
-def record(state: GatewayState, exchange: Exchange, outcome: Outcome) -> None:
+class Recorded(Protocol):
+    """What `record` reads of a request: an `Exchange`, or a request the front refused before
+    any handler ran (`Refused`)."""
+
+    @property
+    def request_id(self) -> str: ...
+    @property
+    def path(self) -> str: ...
+    @property
+    def tenant(self) -> Tenant | None: ...
+    @property
+    def access(self) -> CallResult | None: ...
+
+
+class Refused:
+    """A request the front answered with an error before it was whole (413, 431, 400)."""
+
+    __slots__ = ("path", "request_id")
+    tenant = None
+    access = None
+
+    def __init__(self, path: str, request_id: str) -> None:
+        self.path = path
+        self.request_id = request_id
+
+
+def record_refusal(state: GatewayState, refused: Refused, status: int) -> None:
+    outcome = Outcome()
+    outcome.status = status
+    record(state, refused, outcome)
+
+
+def record(state: GatewayState, exchange: Recorded, outcome: Outcome) -> None:
     """The request's metrics, `/stats` tallies and access-log line, once it ended."""
     status, started, first_byte_at = outcome.status, outcome.started, outcome.first_byte_at
     request_id = exchange.request_id

@@ -6,14 +6,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+import aiohttp
 import httptools
 import pytest
 import yarl
+from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import MODEL, GatewayFactory, SimFactory, gateway_config
+from tests.conftest import MODEL, GatewayFactory, SimFactory, gateway_config, wait_for
 
 
 @dataclass
@@ -149,6 +152,41 @@ async def test_a_body_over_the_limit_is_refused_before_it_is_read(
         assert refused.status == 413
         assert json.loads(refused.body)["error"]["type"] == "invalid_request_error"
         assert await reader.closed()
+
+
+async def test_refusals_are_counted_and_logged_like_any_request(
+    sims: SimFactory,
+    gateway: GatewayFactory,
+    http: aiohttp.ClientSession,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="prefix_router.access")
+    workers = await sims(1)
+    url = await gateway(gateway_config([w.url for w in workers], limits={"max_body_bytes": 2000}))
+    too_big = post("/v1/completions", b"", X_Request_Id="big").replace(
+        b"Content-Length: 0", b"Content-Length: 5000"
+    )
+    for request in (too_big, b"POST /v1/completions HTTP/1.1\r\nContent-Length: x\r\n\r\n"):
+        async with connected(url) as (reader, writer):
+            writer.write(request)
+            assert (await reader.response()).status in (400, 413)
+
+    def logged() -> list[dict[str, object]]:
+        return [vars(r) for r in caplog.records if r.name == "prefix_router.access"]
+
+    await wait_for(lambda: len(logged()) == 2, what="both refusals logged")
+    big, malformed = logged()
+    assert (big["status"], big["path"], big["request_id"]) == (413, "/v1/completions", "big")
+    assert malformed["status"] == 400 and malformed["request_id"]
+    async with http.get(url + "/metrics") as r:
+        text = await r.text()
+    counted = {
+        sample.labels["status"]: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "prefix_router_requests_total"
+    }
+    assert counted == {"413": 1.0, "400": 1.0}
 
 
 async def test_expect_continue_gets_its_interim_answer_then_the_response(

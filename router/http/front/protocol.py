@@ -21,6 +21,7 @@ import asyncio
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
+from typing import NamedTuple
 
 import httptools
 
@@ -51,6 +52,15 @@ class _Refused(Exception):
         self.error = error
 
 
+class Refusal(NamedTuple):
+    """An error the front answers itself, for the request being read when it arose."""
+
+    error: GatewayError
+    path: str
+    """The request's path, or "-" when its request line was not read."""
+    request_id: str
+
+
 class Front:
     """What every connection shares: the handler of served requests, aiohttp's protocol
     factory for the rest, limits, and the open connections (for draining)."""
@@ -61,9 +71,12 @@ class Front:
         hand_over: Callable[[], asyncio.Protocol],
         max_body_bytes: int,
         keepalive_s: float = 75.0,
+        refused: Callable[[Refusal], None] | None = None,
     ) -> None:
         self.serve = serve
         self.hand_over = hand_over
+        self.refused = refused
+        """Told of every refusal once it was written (metrics and the access log)."""
         self.max_body_bytes = max_body_bytes
         self.keepalive_s = keepalive_s
         self.connections: set[FrontConnection] = set()
@@ -85,7 +98,7 @@ class FrontConnection(asyncio.Protocol):
         self._fresh = True  # no request was in progress when the current read began
         self._head: list[bytes] = []  # the current request's bytes until its head is read
         self._handover: list[bytes] | None = None
-        self._refusal: GatewayError | None = None  # sent once the requests before it are
+        self._refusal: Refusal | None = None  # sent once the requests before it are
         self._last_data_at = 0.0
         self._idle: asyncio.TimerHandle | None = None
         self._write_paused = False
@@ -291,20 +304,27 @@ class FrontConnection(asyncio.Protocol):
 
     def _refuse(self, error: GatewayError) -> None:
         """Answer `error` after the requests read before it, then close."""
-        self._incoming = None
+        incoming, self._incoming = self._incoming, None
         transport = self.transport
         if transport is None or transport.is_closing():
             return
+        path, request_id = "-", None
+        if incoming is not None:
+            path = incoming.path.decode("latin-1") or "-"
+            request_id = incoming.headers.get("x-request-id")
+        refusal = Refusal(error, path, new_request_id(request_id))
         if self._task is None:
-            self._send_refusal(error)
+            self._send_refusal(refusal)
         else:
-            self._refusal = error
+            self._refusal = refusal
             transport.pause_reading()
 
-    def _send_refusal(self, error: GatewayError) -> None:
+    def _send_refusal(self, refusal: Refusal) -> None:
         if self.transport is not None:
-            self.transport.write(error_bytes(error, new_request_id(None)))
+            self.transport.write(error_bytes(refusal.error, refusal.request_id))
         self.close()
+        if self._front.refused is not None:
+            self._front.refused(refusal)
 
     def _check_head(self, size: int) -> None:
         incoming = self._incoming

@@ -17,8 +17,15 @@ from router.config import GatewayConfig
 from router.http.body import Kind
 from router.http.context import GatewayState, new_request_id
 from router.http.front.exchange import FrontExchange, Incoming, Written
-from router.http.front.protocol import Front, FrontConnection
-from router.http.middleware import CLIENT_GONE, Outcome, failure_reply, record
+from router.http.front.protocol import Front, FrontConnection, Refusal
+from router.http.middleware import (
+    CLIENT_GONE,
+    Outcome,
+    Refused,
+    failure_reply,
+    record,
+    record_refusal,
+)
 from router.http.openai import completions
 
 _KINDS: dict[bytes, Kind] = {b"/v1/chat/completions": "chat", b"/v1/completions": "completions"}
@@ -41,6 +48,11 @@ async def serve(state: GatewayState, conn: FrontConnection, incoming: Incoming) 
         return written
     finally:
         record(state, exchange, outcome)  # after the answer's last byte went out
+
+
+def refused(state: GatewayState, refusal: Refusal) -> None:
+    """A refusal the front wrote is a request like any other in the metrics and the log."""
+    record_refusal(state, Refused(refusal.path, refusal.request_id), refusal.error.status)
 
 
 class FrontSite(web.BaseSite):
@@ -71,7 +83,12 @@ class FrontSite(web.BaseSite):
         server = self._runner.server
         assert server is not None, "the runner is set up"
         state = self._state
-        front = Front(partial(serve, state), server, state.config.limits.max_body_bytes)
+        front = Front(
+            partial(serve, state),
+            server,
+            state.config.limits.max_body_bytes,
+            refused=partial(refused, state),
+        )
         self._front = front
 
         def follow(config: GatewayConfig) -> None:
