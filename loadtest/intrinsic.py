@@ -63,19 +63,28 @@ def pooled_reuse(
     `intrinsic_reuse`; a hit refreshes its blocks, then the request's blocks join the cache as
     the most recent and the least recently used blocks beyond the capacity leave it. With an
     unbounded capacity this is the intrinsic reuse."""
+    per_request = pooled_hits(requests, capacity_blocks, block_tokens)
+    return sum(h for h, _ in per_request), sum(n for _, n in per_request)
+
+
+def pooled_hits(
+    requests: Iterable[tuple[Sequence[int], Sequence[int]]],
+    capacity_blocks: int,
+    block_tokens: int = BLOCK_TOKENS,
+) -> list[tuple[int, int]]:
+    """(hit tokens, prompt tokens) of each request, served by one LRU of `capacity_blocks`."""
     lru: OrderedDict[int, None] = OrderedDict()
-    hits = total = 0
+    out: list[tuple[int, int]] = []
     for prompt, output in requests:
-        total += len(prompt)
         chain = block_chain(prompt, block_tokens)
         limit = max(0, (len(prompt) - 1) // block_tokens)
         matched = 0
         while matched < limit and chain[matched] in lru:
             matched += 1
-        hits += matched * block_tokens
+        out.append((matched * block_tokens, len(prompt)))
         for block in block_chain([*prompt, *output[:-1]], block_tokens):
             lru[block] = None
             lru.move_to_end(block)
         while len(lru) > capacity_blocks:
             lru.popitem(last=False)
-    return hits, total
+    return out

@@ -24,7 +24,9 @@ from loadtest.intrinsic import ChatTokens, intrinsic_reuse, pooled_reuse
 from loadtest.procs import Proc, call_all, cpu_seconds, start_gateway_process, wait_ready
 from loadtest.replay import Replay, replay
 from loadtest.stats import imbalance, percentile
+from loadtest.ttft_floor import ttft_floors_s
 from loadtest.workloads import Workload
+from workers.sim.config import SimConfig
 
 MODEL = "bench-llm"
 
@@ -133,6 +135,7 @@ def _summarize(
     intrinsic_hits, intrinsic_total = intrinsic_reuse(served)
     pooled_hits, _ = pooled_reuse(served, fleet_blocks)
     client_prompt = sum(len(p) for p, _ in served)
+    floors = ttft_floors_s(served, SimConfig(model=MODEL))
     return {
         "policy": policy,
         "requests": len(result.records),
@@ -144,6 +147,8 @@ def _summarize(
         "ttft_p50_ms": percentile(ttft, 50) * 1000,
         "ttft_p90_ms": percentile(ttft, 90) * 1000,
         "ttft_p99_ms": percentile(ttft, 99) * 1000,
+        "ttft_floor_p50_ms": percentile(floors, 50) * 1000,
+        "ttft_floor_p99_ms": percentile(floors, 99) * 1000,
         "e2e_p50_ms": percentile(e2e, 50) * 1000,
         "e2e_p99_ms": percentile(e2e, 99) * 1000,
         "output_tok_s": sum(r.output_tokens for r in ok) / result.elapsed_s,
