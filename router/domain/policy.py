@@ -133,6 +133,13 @@ class Policy(Protocol):
 class SharesInserts(Protocol):
     """A policy that records other replicas' index inserts (their routing decisions)."""
 
+    @property
+    def key_scheme(self) -> str:
+        """How its keys are made (hash, block size, checkpoints): replicas share inserts only
+        with one another's scheme, since a key made another way names no prefix here (during a
+        rolling upgrade, or with a different `index` config)."""
+        ...
+
     def apply_remote_insert(self, worker_id: str, block_keys: list[int]) -> None:
         """Another replica sent a request with these approximate keys to this worker."""
         ...

@@ -247,6 +247,10 @@ class HybridCost:
                 outcome.ttft_s,
             )
 
+    @property
+    def key_scheme(self) -> str:
+        return self.index.key_scheme
+
     def apply_remote_insert(self, worker_id: str, block_keys: list[int]) -> None:
         """Another replica's decision: the worker holds the prefix, and it was given a request
         (each replica dispatches only its share, so placement must count the others' too)."""

@@ -73,6 +73,10 @@ class PrefixAffinity:
         # cached beforehand, so the pick-time insert already says everything an outcome could.
         return None
 
+    @property
+    def key_scheme(self) -> str:
+        return self.index.key_scheme
+
     def apply_remote_insert(self, worker_id: str, block_keys: list[int]) -> None:
         self.index.insert(worker_id, block_keys)
 

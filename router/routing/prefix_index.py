@@ -97,12 +97,18 @@ class IndexStats:
     budget_per_worker: dict[str, int]
 
 
+def key_scheme(config: IndexConfig) -> str:
+    """What makes this index's keys: equal schemes give equal keys for equal text."""
+    return f"xxh3-64/{config.block_chars}/{config.dense_blocks}"
+
+
 class PrefixIndex:
     """Approximate prefix index; `backend` picks the holder structure (see module doc)."""
 
     def __init__(self, config: IndexConfig, calibration: TokenCalibration | None = None) -> None:
         self.config = config
         self.block_chars = config.block_chars
+        self.key_scheme = key_scheme(config)
         self.calibration = calibration or TokenCalibration()
         self._calibrated = -1
         self.tokens_per_block = config.block_chars / CHARS_PER_TOKEN

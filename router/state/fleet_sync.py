@@ -95,9 +95,13 @@ class FleetSync:
                 continue
             pipe = client.pipeline(transaction=False)
             for pool, worker_id, block_keys in batch:
+                index = self._index_of(pool, worker_id)
+                if index is None:
+                    continue  # the worker left the pool meanwhile
                 entry = {
                     "replica": self.replica,
                     "worker": worker_id,
+                    "scheme": index.key_scheme,
                     "keys": " ".join(map(str, block_keys)),
                 }
                 pipe.xadd(
@@ -144,6 +148,7 @@ class FleetSync:
     def _apply(self, pool: str, fields: dict[bytes, bytes]) -> None:
         try:
             replica = fields.get(b"replica", b"").decode()
+            scheme = fields.get(b"scheme", b"").decode()
             worker = fields.get(b"worker")
             raw = fields.get(b"keys")
             worker_id = worker.decode() if worker is not None else None
@@ -159,5 +164,17 @@ class FleetSync:
         if worker_id is None or block_keys is None:
             return
         index = self._index_of(pool, worker_id)
-        if index is not None:
-            index.apply_remote_insert(worker_id, block_keys)
+        if index is None:
+            return
+        if scheme != index.key_scheme:
+            self._bad_entries.warning(
+                pool,
+                "scheme",
+                "index inserts in %s from a replica keying prefixes otherwise (%s, here %s) "
+                "skipped: a rolling upgrade or a different index config",
+                pool,
+                scheme[:40] or "unnamed",
+                index.key_scheme,
+            )
+            return
+        index.apply_remote_insert(worker_id, block_keys)

@@ -18,8 +18,10 @@ import pytest
 import redis.asyncio as aioredis
 from aiohttp import web
 
+from router.config import IndexConfig
 from router.domain.worker import Health, Worker
 from router.http.context import STATE
+from router.routing.prefix_index import key_scheme
 from router.serve import start_gateway
 from router.state.keys import Keys
 from tests.conftest import MODEL, SimFactory, chat_body, gateway_config, wait_for
@@ -36,6 +38,8 @@ BROKEN = {
         'vllm:num_requests_waiting +Inf\nvllm:num_requests_running{x="1"} \x00zz\nvllm:{{}\n',
     ),
 }
+
+SCHEME = key_scheme(IndexConfig())
 
 
 class BrokenWorker:
@@ -237,9 +241,15 @@ async def test_malformed_stream_entries_are_skipped_and_the_followers_go_on(
             # Each round writes again: the follower starts at the stream's tail, so entries it
             # had not started following yet are (rightly) never read.
             stream = keys.index_stream_of(MODEL, worker_id)
-            await redis.xadd(stream, {"replica": b"\xff", "worker": worker_id, "keys": "1"})
-            await redis.xadd(stream, {"replica": "r", "worker": b"\xfe\xff", "keys": "1"})
-            await redis.xadd(stream, {"replica": "other", "worker": worker_id, "keys": "5 6 7"})
+            await redis.xadd(
+                stream, {"replica": b"\xff", "worker": worker_id, "scheme": SCHEME, "keys": "1"}
+            )
+            await redis.xadd(
+                stream, {"replica": "r", "worker": b"\xfe\xff", "scheme": SCHEME, "keys": "1"}
+            )
+            await redis.xadd(
+                stream, {"replica": "other", "worker": worker_id, "scheme": SCHEME, "keys": "5 6 7"}
+            )
             return bool(index.blocks_of(worker_id))
 
         await wait_for(insert_after_a_bad_entry, what="the good index insert applied")

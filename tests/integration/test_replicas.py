@@ -6,11 +6,15 @@ from functools import partial
 
 import aiohttp
 
+from router.config import IndexConfig
 from router.http.context import STATE
 from router.routing.hybrid import HybridCost
 from router.routing.key import extend_key, routing_key
+from router.routing.prefix_index import key_scheme
 from tests.conftest import MODEL, GatewayFactory, SimFactory, chat_body, gateway_config, wait_for
 from tests.integration.conftest import AppGateways
+
+SCHEME = key_scheme(IndexConfig())
 
 
 def _state(url: str) -> dict[str, object]:
@@ -58,7 +62,7 @@ async def _all_ready(http: aiohttp.ClientSession, url: str, n: int) -> bool:
     return len(healthy) == n and all(ln.endswith(" 1.0") for ln in healthy)
 
 
-async def test_inserts_naming_a_worker_this_replica_does_not_know_are_ignored(
+async def test_inserts_for_an_unknown_worker_or_keyed_otherwise_are_ignored(
     sims: SimFactory, redis_url: str
 ) -> None:
     import redis.asyncio as aioredis
@@ -79,14 +83,23 @@ async def test_inserts_naming_a_worker_this_replica_does_not_know_are_ignored(
             # Another replica's inserts: one for a worker that left (or never was), one for
             # ours; sent again until the follower (joining the streams' tails as it starts)
             # applied ours.
-            for worker_id, keys in (("gone-worker", "11 12 13"), (known, "21 22 23")):
-                entry = {"replica": "other", "worker": worker_id, "keys": keys}
+            # Keys made another way (an older release's hash) come first: they name no prefix
+            # here and must not be indexed.
+            inserts = (
+                ("gone-worker", SCHEME, "11 12 13"),
+                (known, "crc32-adler32/64/16", "31 32 33"),
+                (known, SCHEME, "21 22 23"),
+            )
+            for worker_id, scheme, keys in inserts:
+                entry = {"replica": "other", "worker": worker_id, "scheme": scheme, "keys": keys}
                 stream = Keys().index_stream_of(MODEL, worker_id)
                 await redis.xadd(stream, entry)  # type: ignore[arg-type]
             return policy.index.blocks_of(known) > 0
 
         await wait_for(inserts_applied, what="the known worker's insert applied")
         assert "gone-worker" not in policy.index.stats().blocks_per_worker
+        assert policy.index.match([21, 22, 23]) == {known: 3}
+        assert policy.index.match([31, 32, 33]) == {}, "an insert keyed otherwise was indexed"
     finally:
         await runner.cleanup()
         await redis.aclose()
