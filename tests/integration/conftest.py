@@ -3,6 +3,7 @@ tests/redis_server.py and tests/redis_cluster.py)."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import aiohttp
@@ -18,6 +19,15 @@ from workers.agent.config import AgentConfig
 from workers.sim.config import SimConfig
 from workers.sim.kv_publisher import KV_PUBLISHER
 from workers.sim.runner import SimHandle, start_sim_worker
+
+AccessLines = Callable[[], list[dict[str, object]]]
+
+
+@pytest.fixture
+def access_lines(caplog: pytest.LogCaptureFixture) -> AccessLines:
+    """The access-log lines written so far in the test (fields as a dict each)."""
+    caplog.set_level(logging.INFO, logger="prefix_router.access")
+    return lambda: [vars(r) for r in caplog.records if r.name == "prefix_router.access"]
 
 
 def _redis_executable() -> str:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -17,6 +16,7 @@ import yarl
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import MODEL, GatewayFactory, SimFactory, gateway_config, wait_for
+from tests.integration.conftest import AccessLines
 
 
 @dataclass
@@ -158,9 +158,8 @@ async def test_refusals_are_counted_and_logged_like_any_request(
     sims: SimFactory,
     gateway: GatewayFactory,
     http: aiohttp.ClientSession,
-    caplog: pytest.LogCaptureFixture,
+    access_lines: AccessLines,
 ) -> None:
-    caplog.set_level(logging.INFO, logger="prefix_router.access")
     workers = await sims(1)
     url = await gateway(gateway_config([w.url for w in workers], limits={"max_body_bytes": 2000}))
     too_big = post("/v1/completions", b"", X_Request_Id="big").replace(
@@ -171,11 +170,8 @@ async def test_refusals_are_counted_and_logged_like_any_request(
             writer.write(request)
             assert (await reader.response()).status in (400, 413)
 
-    def logged() -> list[dict[str, object]]:
-        return [vars(r) for r in caplog.records if r.name == "prefix_router.access"]
-
-    await wait_for(lambda: len(logged()) == 2, what="both refusals logged")
-    big, malformed = logged()
+    await wait_for(lambda: len(access_lines()) == 2, what="both refusals logged")
+    big, malformed = access_lines()
     assert (big["status"], big["path"], big["request_id"]) == (413, "/v1/completions", "big")
     assert malformed["status"] == 400 and malformed["request_id"]
     async with http.get(url + "/metrics") as r:
