@@ -47,6 +47,9 @@ _COUNT = 1000  # entries per XREAD; a full reply means the follower may be laggi
 _POLL_S = 0.01
 """Between XREADs that found nothing (also the cadence of the new-worker check): the floor of
 the events' lag; 100 empty reads a second cost the gateway well under 1% of a core."""
+_NO_POOL_S = 1.0
+"""With no precise pool to follow, how often to look again for one (a reload may add it):
+polling at `_POLL_S` for nothing cost an idle Redis-backed gateway 100 wake-ups a second."""
 _RETRY_S = 0.5
 _OPS = (STORED, REMOVED, CLEARED)
 
@@ -115,13 +118,18 @@ class KVFollower:
                     log.info("KV events followed again; views rebuilt from snapshots")
                     down = False
                 if not busy:
-                    await asyncio.sleep(_POLL_S)  # the polling cadence
+                    await asyncio.sleep(self.idle_s())
         finally:
             try:
                 async with asyncio.timeout(1.0):
                     await client.aclose()
             except REDIS_FAILURES:
                 pass
+
+    def idle_s(self) -> float:
+        """The wait after a round that found nothing: the polling cadence while a precise pool
+        is followed (`_views` holds one view per such pool), a slow look-out otherwise."""
+        return _POLL_S if self._views else _NO_POOL_S
 
     def _precise_pools(self) -> dict[str, tuple[Pool, PreciseIndex]]:
         found = {}
