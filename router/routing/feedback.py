@@ -7,9 +7,10 @@ so all of it is dropped. A worker that never reported its KV capacity (no
 `vllm:cache_config_info`, metrics unreachable) starts at the configured default budget; each
 eviction shrinks its budget to what the index still lists for it, and each prompt it held
 beyond the index's belief (the budget evicted too early) grows the budget by a quarter, so the
-budget converges on what the worker really holds. vLLM reports `cached_tokens` as null both for
-0 and when it runs without `--enable-prompt-tokens-details`: null is 0 only for a worker that
-has reported a number before.
+budget converges on what the worker really holds. One answer at most halves it: a shortfall is
+not always an eviction (the prefix may still be computing for another request). vLLM reports
+`cached_tokens` as null both for 0 and when it runs without `--enable-prompt-tokens-details`:
+null is 0 only for a worker that has reported a number before.
 """
 
 from __future__ import annotations
@@ -46,8 +47,13 @@ class CacheFeedback:
             self.evictions_seen += 1
             index.drop_older(worker.id, decision.index_stamp)
             if learned:
+                # At most halved by one answer: a prefix still being computed for a request in
+                # flight reads as evicted too, and early on the index lists far less than the
+                # worker holds (shrinking to that, budgets fell to a tenth of the real capacity
+                # on Mooncake's conversation trace and never grew back).
                 floor = index.blocks_at(len(decision.block_keys or ())) + 1
-                index.set_capacity(worker.id, max(floor, index.blocks_of(worker.id)))
+                halved = index.budget_of(worker.id) // 2
+                index.set_capacity(worker.id, max(floor, index.blocks_of(worker.id), halved))
         elif learned and cached > predicted + tolerance:
             grown = int(index.budget_of(worker.id) * _GROWTH) + 1
             index.set_capacity(worker.id, min(index.config.default_capacity_blocks, grown))

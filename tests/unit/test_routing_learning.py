@@ -79,6 +79,21 @@ def test_fewer_cached_tokens_than_predicted_drops_what_the_worker_evicted() -> N
     assert policy.feedback.evictions_seen == 1
 
 
+def test_one_shortfall_at_most_halves_an_unreported_capacity() -> None:
+    """Early on the index lists a fraction of what the worker holds, and a prefix still being
+    computed reads as evicted: one such answer must not shrink the budget to what is listed."""
+    rng = random.Random(5)
+    policy = HybridCost(HybridPolicy(), IndexConfig(default_capacity_blocks=50_000))
+    ws = workers(1)
+    prompts = [request(policy, text(rng, 400)) for _ in range(3)]
+    for r in prompts:
+        policy.pick(r, ws)
+    decision = policy.pick(prompts[1], ws)
+    policy.observe(Outcome(prompts[1], decision, ok=True, prompt_tokens=400, cached_tokens=0))
+    assert policy.index.blocks_of("w0") < 1_000
+    assert policy.index.budget_of("w0") == 25_000
+
+
 def test_unreported_capacity_is_learned_from_cached_tokens() -> None:
     rng = random.Random(4)
     policy = HybridCost(HybridPolicy(), IndexConfig(default_capacity_blocks=50_000))
