@@ -79,30 +79,30 @@ def test_fewer_cached_tokens_than_predicted_drops_what_the_worker_evicted() -> N
     assert policy.feedback.evictions_seen == 1
 
 
+def _one_shortfall(rng: random.Random, prompts: int) -> tuple[HybridCost, list[Worker]]:
+    """A worker of unreported capacity given `prompts` prompts, then one answer for the first
+    of them again that reports nothing cached."""
+    policy = HybridCost(HybridPolicy(), IndexConfig(default_capacity_blocks=50_000))
+    ws = workers(1)
+    sent = [request(policy, text(rng, 400)) for _ in range(prompts)]
+    for r in sent:
+        policy.pick(r, ws)
+    decision = policy.pick(sent[0], ws)
+    policy.observe(Outcome(sent[0], decision, ok=True, prompt_tokens=400, cached_tokens=0))
+    return policy, ws
+
+
 def test_one_shortfall_at_most_halves_an_unreported_capacity() -> None:
     """Early on the index lists a fraction of what the worker holds, and a prefix still being
     computed reads as evicted: one such answer must not shrink the budget to what is listed."""
-    rng = random.Random(5)
-    policy = HybridCost(HybridPolicy(), IndexConfig(default_capacity_blocks=50_000))
-    ws = workers(1)
-    prompts = [request(policy, text(rng, 400)) for _ in range(3)]
-    for r in prompts:
-        policy.pick(r, ws)
-    decision = policy.pick(prompts[1], ws)
-    policy.observe(Outcome(prompts[1], decision, ok=True, prompt_tokens=400, cached_tokens=0))
+    policy, _ = _one_shortfall(random.Random(5), prompts=3)
     assert policy.index.blocks_of("w0") < 1_000
     assert policy.index.budget_of("w0") == 25_000
 
 
 def test_unreported_capacity_is_learned_from_cached_tokens() -> None:
     rng = random.Random(4)
-    policy = HybridCost(HybridPolicy(), IndexConfig(default_capacity_blocks=50_000))
-    ws = workers(1)
-    prompts = [request(policy, text(rng, 400)) for _ in range(6)]
-    for r in prompts:
-        policy.pick(r, ws)
-    decision = policy.pick(prompts[0], ws)
-    policy.observe(Outcome(prompts[0], decision, ok=True, prompt_tokens=400, cached_tokens=0))
+    policy, ws = _one_shortfall(rng, prompts=6)
     shrunk = policy.index.budget_of("w0")
     assert shrunk < 50_000
     # Later the worker holds a prompt the index had already let go of: the budget grows.
