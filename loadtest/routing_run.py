@@ -6,6 +6,7 @@ spent (its CPU per request, its routing decision time from its own histogram).
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections import Counter
 from typing import Any
@@ -20,7 +21,7 @@ from loadtest.gateway_probe import (
     machine_busy_s,
     summed_decisions,
 )
-from loadtest.intrinsic import ChatTokens, intrinsic_reuse, pooled_reuse
+from loadtest.intrinsic import ChatTokens, pooled_hits, pooled_reuse
 from loadtest.procs import Proc, call_all, cpu_seconds, start_gateway_process, wait_ready
 from loadtest.replay import Replay, replay
 from loadtest.stats import imbalance, percentile
@@ -132,10 +133,12 @@ def _summarize(
     per_worker = [c["requests"] for c in counters]
     tokens = ChatTokens()
     served = [(tokens.prompt(r.messages), tokens.answer(r.answer)) for r in ok]
-    intrinsic_hits, intrinsic_total = intrinsic_reuse(served)
-    pooled_hits, _ = pooled_reuse(served, fleet_blocks)
+    intrinsic = pooled_hits(served, sys.maxsize)  # one unbounded cache: the reuse and floors
+    intrinsic_hits = sum(h for h, _ in intrinsic)
+    intrinsic_total = sum(n for _, n in intrinsic)
+    pooled, _ = pooled_reuse(served, fleet_blocks)
     client_prompt = sum(len(p) for p, _ in served)
-    floors = ttft_floors_s(served, SimConfig(model=MODEL))
+    floors = ttft_floors_s(intrinsic, SimConfig(model=MODEL))
     return {
         "policy": policy,
         "requests": len(result.records),
@@ -143,7 +146,7 @@ def _summarize(
         "error_kinds": dict(Counter(r.error for r in result.records if not r.ok)),
         "hit_rate": cached / prompt if prompt else 0.0,
         "intrinsic": intrinsic_hits / intrinsic_total if intrinsic_total else 0.0,
-        "pooled": pooled_hits / intrinsic_total if intrinsic_total else 0.0,
+        "pooled": pooled / intrinsic_total if intrinsic_total else 0.0,
         "ttft_p50_ms": percentile(ttft, 50) * 1000,
         "ttft_p90_ms": percentile(ttft, 90) * 1000,
         "ttft_p99_ms": percentile(ttft, 99) * 1000,

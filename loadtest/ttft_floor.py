@@ -11,10 +11,8 @@ and lost cache hits; a target below it cannot be met by any placement.
 from __future__ import annotations
 
 import math
-import sys
 from collections.abc import Sequence
 
-from loadtest.intrinsic import pooled_hits
 from workers.sim.config import SimConfig
 
 
@@ -26,9 +24,7 @@ def idle_ttft_s(uncached_tokens: int, config: SimConfig) -> float:
     )
 
 
-def ttft_floors_s(
-    served: Sequence[tuple[Sequence[int], Sequence[int]]], config: SimConfig
-) -> list[float]:
-    """Each request's floor, in arrival order."""
-    hits = pooled_hits(served, sys.maxsize)
-    return [idle_ttft_s(prompt - hit, config) for hit, prompt in hits]
+def ttft_floors_s(intrinsic: Sequence[tuple[int, int]], config: SimConfig) -> list[float]:
+    """Each request's floor, from its (hit tokens, prompt tokens) in an unbounded cache
+    (`intrinsic.pooled_hits` with no capacity limit), in arrival order."""
+    return [idle_ttft_s(prompt - hit, config) for hit, prompt in intrinsic]

@@ -126,7 +126,7 @@ async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 class Recorded(Protocol):
     """What `record` reads of a request: an `Exchange`, or a request the front refused before
-    any handler ran (`Refused`)."""
+    any handler ran (`front.protocol.Refusal`)."""
 
     @property
     def request_id(self) -> str: ...
@@ -138,19 +138,8 @@ class Recorded(Protocol):
     def access(self) -> CallResult | None: ...
 
 
-class Refused:
-    """A request the front answered with an error before it was whole (413, 431, 400)."""
-
-    __slots__ = ("path", "request_id")
-    tenant = None
-    access = None
-
-    def __init__(self, path: str, request_id: str) -> None:
-        self.path = path
-        self.request_id = request_id
-
-
-def record_refusal(state: GatewayState, refused: Refused, status: int) -> None:
+def record_refusal(state: GatewayState, refused: Recorded, status: int) -> None:
+    """A request answered with an error before it was whole (413, 431, 400)."""
     outcome = Outcome()
     outcome.status = status
     record(state, refused, outcome)

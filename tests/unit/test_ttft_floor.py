@@ -3,8 +3,11 @@ alone on an idle worker that has seen every earlier prompt."""
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 
+from loadtest.intrinsic import pooled_hits
 from loadtest.ttft_floor import idle_ttft_s, ttft_floors_s
 from workers.sim.config import SimConfig
 
@@ -24,7 +27,7 @@ def test_a_fully_cached_prompt_still_computes_its_last_token() -> None:
 
 def test_a_repeated_prompt_prefills_only_what_was_never_seen() -> None:
     prompt = list(range(160))
-    first, again = ttft_floors_s([(prompt, [1]), (prompt, [1])], CONFIG)
+    first, again = ttft_floors_s(pooled_hits([(prompt, [1]), (prompt, [1])], sys.maxsize), CONFIG)
     assert first == pytest.approx(idle_ttft_s(160, CONFIG))
     # 9 of its 10 blocks were seen (the last token is always computed): 16 tokens left.
     assert again == pytest.approx(idle_ttft_s(16, CONFIG))

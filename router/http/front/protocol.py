@@ -60,6 +60,16 @@ class Refusal(NamedTuple):
     """The request's path, or "-" when its request line was not read."""
     request_id: str
 
+    # What the access log and metrics read of a request (middleware.Recorded): a refused one
+    # had no tenant and reached no worker.
+    @property
+    def tenant(self) -> None:
+        return None
+
+    @property
+    def access(self) -> None:
+        return None
+
 
 class Front:
     """What every connection shares: the handler of served requests, aiohttp's protocol

@@ -21,7 +21,6 @@ from router.http.front.protocol import Front, FrontConnection, Refusal
 from router.http.middleware import (
     CLIENT_GONE,
     Outcome,
-    Refused,
     failure_reply,
     record,
     record_refusal,
@@ -52,7 +51,7 @@ async def serve(state: GatewayState, conn: FrontConnection, incoming: Incoming) 
 
 def refused(state: GatewayState, refusal: Refusal) -> None:
     """A refusal the front wrote is a request like any other in the metrics and the log."""
-    record_refusal(state, Refused(refusal.path, refusal.request_id), refusal.error.status)
+    record_refusal(state, refusal, refusal.error.status)
 
 
 class FrontSite(web.BaseSite):
