@@ -13,6 +13,8 @@ from collections import OrderedDict
 from typing import TextIO
 
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message"}
+_ENCODE = json.JSONEncoder(default=str).encode
+"""One encoder for every line: `json.dumps` with `default=` builds a new one per call."""
 
 
 class JsonFormatter(logging.Formatter):
@@ -50,7 +52,7 @@ class JsonFormatter(logging.Formatter):
             "msg": msg,
         }
         entry.update(fields)
-        return json.dumps(entry, default=str)
+        return _ENCODE(entry)
 
 
 FLUSH_EVERY_S = 0.25

@@ -270,4 +270,4 @@ def plan_migration(call: UpstreamCall, body: dict[str, Any], kind: Kind) -> None
         body=body, kind=wire_kind, allowed=allowed, refused=refusal(body, wire_kind)
     )
     if call.migration.refused is None:
-        call.transcript = Transcript()
+        call.transcript = Transcript(wire_kind)

@@ -16,8 +16,12 @@ from typing import Any
 MAX_ANSWER_BYTES = 256 * 1024
 """Of escaped answer text kept per stream; a longer answer is not indexed."""
 
-# A JSON string value of "content" (chat deltas) or "text" (completions), escapes included.
-_TEXT = re.compile(rb'"(?:content|text)":"((?:[^"\\]|\\.)*)"')
+# A JSON string value of "content" (chat deltas) or of "text" (completions), escapes included.
+# One literal key per pattern, and the escape loop unrolled: the engine jumps from one literal
+# to the next instead of trying an alternation at every quote (16 chat events: 3.7 us, against
+# 8.2 for `"(?:content|text)":"((?:[^"\\]|\\.)*)"`).
+_CHAT_TEXT = re.compile(rb'"content":"([^"\\]*(?:\\.[^"\\]*)*)"')
+_COMPLETION_TEXT = re.compile(rb'"text":"([^"\\]*(?:\\.[^"\\]*)*)"')
 
 
 COMPACT_AT = 64 * 1024
@@ -31,9 +35,10 @@ class AnswerBytes:
     only the (still escaped) text is kept: memory grows with the answer's text, not with its
     event framing, and a short answer costs one search."""
 
-    __slots__ = ("_pieces", "_raw", "_raw_size", "_size", "_tokens", "overflowed")
+    __slots__ = ("_pieces", "_raw", "_raw_size", "_size", "_text", "_tokens", "overflowed")
 
-    def __init__(self) -> None:
+    def __init__(self, chat: bool) -> None:
+        self._text = _CHAT_TEXT if chat else _COMPLETION_TEXT
         self._raw: list[bytes] = []
         self._raw_size = 0
         self._pieces: list[bytes] = []
@@ -51,7 +56,7 @@ class AnswerBytes:
         raw = self._raw[0] if len(self._raw) == 1 else b"".join(self._raw)
         self._raw.clear()
         self._raw_size = 0
-        found = _TEXT.findall(raw)
+        found = self._text.findall(raw)
         self._tokens += sum(1 for piece in found if piece)
         if self.overflowed:
             return

@@ -21,9 +21,9 @@ from router.upstream.answer import AnswerBytes
 
 Kind = Literal["chat", "completions"]
 
-_ID = re.compile(rb'"id":"((?:[^"\\]|\\.)*)"')
+_ID = re.compile(rb'"id":"([^"\\]*(?:\\.[^"\\]*)*)"')
 _CREATED = re.compile(rb'"created":(\d+)')
-_MODEL = re.compile(rb'"model":"((?:[^"\\]|\\.)*)"')
+_MODEL = re.compile(rb'"model":"([^"\\]*(?:\\.[^"\\]*)*)"')
 _GUIDED = ("guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs")
 
 
@@ -55,8 +55,8 @@ class Transcript:
 
     __slots__ = ("_text", "identity", "tool_calls")
 
-    def __init__(self) -> None:
-        self._text = AnswerBytes()
+    def __init__(self, kind: Kind) -> None:
+        self._text = AnswerBytes(chat=kind == "chat")
         self.tool_calls = False
         self.identity: tuple[bytes, bytes, bytes] | None = None
         """The stream's id, created and model, as the first event gave them (JSON-escaped)."""

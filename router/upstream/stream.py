@@ -101,7 +101,7 @@ class Answer:
         """Stream bytes received and not yet passed on (a partial event, or the first chunk)."""
         self._text: AnswerBytes | Transcript | None = call.transcript
         if self._text is None and call.collect_answer and conn is not None:
-            self._text = AnswerBytes()
+            self._text = AnswerBytes(chat=call.path.endswith("chat/completions"))
         self.body = body
         """A non-streamed answer's complete body."""
         self.saw_done = False

@@ -159,21 +159,23 @@ def test_learned_rates_recover_a_workers_prefill_rate_and_decode_cost() -> None:
 
 
 def test_answer_text_from_events_and_bodies() -> None:
-    answer = AnswerBytes()
+    answer = AnswerBytes(chat=True)
     answer.add(b'data: {"choices":[{"delta":{"role":"assistant","content":""}}]}\n\n')
+    answer.add(b'data: {"choices":[{"delta":{"reasoning_content":"hmm"}}]}\n\n')
     # The relay hands over blocks of whole events.
     answer.add(b'data: {"choices":[{"delta":{"content":"Hel"}}]}\n\n')
     answer.add(b'data: {"choices":[{"delta":{"content":"lo \\"you\\"\\n\\u00e9"}}]}\n\n')
     answer.add(b"data: [DONE]\n\n")
     assert answer.text() == 'Hello "you"\n\u00e9'
     assert answer.tokens == 2  # the role chunk's empty content is no token
-    completions = AnswerBytes()
+    completions = AnswerBytes(chat=False)
     completions.add(b'data: {"choices":[{"text":"a b","index":0}]}\n\n')
-    assert completions.text() == "a b"
+    completions.add(b'data: {"choices":[{"text":"\\\\ c\\"","index":0}]}\n\n')
+    assert completions.text() == 'a b\\ c"'
     assert answer_of({"choices": [{"message": {"content": "x"}}]}) == "x"
     assert answer_of({"choices": [{"text": "y"}]}) == "y"
     assert answer_of({"choices": []}) is None
-    huge = AnswerBytes()
+    huge = AnswerBytes(chat=True)
     for _ in range(100):
         huge.add(b'data: {"choices":[{"delta":{"content":"' + b"x" * 4096 + b'"}}]}\n\n')
     assert huge.text() is None  # over the bound: not indexed, and not kept
