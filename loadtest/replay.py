@@ -34,7 +34,9 @@ class Record:
     cached_tokens: int | None = None
     worker: str = ""
     reason: str = ""
-    """The gateway's choice, from its debug headers (for analysis only)."""
+    matched_tokens: int = 0
+    """The gateway's choice and the prompt tokens it expected cached there, from its debug
+    headers (for analysis only)."""
     error: str = ""
 
     @property
@@ -130,6 +132,7 @@ async def _send(
                 return
             record.worker = resp.headers.get("X-Route-Worker", "")
             record.reason = resp.headers.get("X-Route-Reason", "")
+            record.matched_tokens = int(resp.headers.get("X-Route-Matched-Tokens") or 0)
             async for raw in resp.content:
                 line = raw.strip()
                 if not line.startswith(b"data:"):

@@ -96,6 +96,13 @@ class HybridPolicy(Strict):
         "estimate, the one holding the most of the prompt wins (a copy of a prefix elsewhere "
         "costs cache space the estimate omits)",
     )
+    copy_weight: float = Field(
+        1.0,
+        ge=0,
+        description="seconds added per second of prefill a choice recomputes: the tokens another"
+        " worker holds and this one lacks, at this worker's prefill rate (a copy's GPU time and"
+        " cache space, which the TTFT estimate omits); 0 leaves TTFT alone to decide",
+    )
     session_max_entries: int = Field(
         100_000, ge=1, description="sessions remembered in memory; least recently used go first"
     )

@@ -86,6 +86,9 @@ class Decision:
     index_stamp: int = 0
     """Recency stamp of the chosen worker's deepest matched index entry before this pick, so
     the outcome can tell what the worker evicted."""
+    held_keys: int = 0
+    """How many of `block_keys` the chosen worker held before this pick: the rest are what
+    the pick indexed for it."""
     backlog_tokens: int = 0
     """The chosen worker's prefill backlog (tokens) at pick time, and its running sequences:
     what the request waited behind, for learning the worker's rates from its TTFT."""
@@ -99,6 +102,9 @@ class Outcome:
     request: RoutingRequest
     decision: Decision
     ok: bool
+    unanswered: bool = False
+    """The attempt failed before the worker's first byte: nothing of the prompt is known to
+    be cached there."""
     prompt_tokens: int | None = None
     cached_tokens: int | None = None
     ttft_s: float | None = None

@@ -19,20 +19,15 @@ Two structures map keys to holders (a bitmask of worker slots) behind the same A
 - `flat` (default): one dict keyed by prefix key; matching looks keys up until the first miss.
 - `pygtrie`: a `pygtrie.Trie` whose paths are key sequences, nodes pruned when nobody holds them.
 
-Measured on the 2-core dev box (`prefix-router bench index`, 1M blocks over 8 workers, 16k-token
-prompt; decision = hashing, match and hybrid scoring of 8 workers), p50/p99 µs, with the earlier
-CRC keys (on a slower box, with XXH3 keys: flat hit 143/291, miss 93/176):
-- flat:    hit 95/145, miss 80/114; pick with its insert 114/168 (hit), 191/475 (miss);
-           18 bytes per indexed block (146 per entry).
-- pygtrie: hit 125/194, miss 81/128; pick 145/220 (hit), 2563/5913 (miss: pygtrie creates each
-           new path node through a full-path `__setitem__`); 26 bytes per block (212 per entry).
-- dense keys (every block a checkpoint, flat): hit 779/1022, 149 bytes per block. Hashing 1000
-  chunks one Python call each cannot meet the 200 µs p99 budget here, hence the checkpoints.
+Measured (`prefix-router bench index`, 1M blocks over 8 workers, 16k-token prompt; decision =
+hashing, match and scoring of 8 workers), p99: flat 94 µs (hit), 53 (miss), 22 bytes per
+indexed block; pygtrie 194 / 128 µs, its pick 5.9 ms on a miss (a full-path `__setitem__` per
+new node), 26 bytes per block; dense keys (every block a checkpoint) 1022 µs, 149 bytes per
+block: hashing 1000 chunks one Python call each misses the 200 µs budget, hence checkpoints.
 """
 
 from __future__ import annotations
 
-from bisect import bisect_right
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -44,40 +39,13 @@ import xxhash
 from router.config import IndexConfig
 from router.domain.calibration import CHARS_PER_TOKEN, TokenCalibration
 from router.domain.worker import Worker
+from router.routing.checkpoints import Checkpoints
 
 _ROOT = -1
 _VLLM_BLOCK_TOKENS = 16
 _WEIGHT_BITS = 24
 """An LRU value packs the entry's recency stamp above its weight (blocks it stands for)."""
 _WEIGHT_MASK = (1 << _WEIGHT_BITS) - 1
-
-
-class Checkpoints:
-    """The fixed block positions that carry a key; the same for every prompt."""
-
-    def __init__(self, dense_blocks: int, block_chars: int) -> None:
-        self._dense = dense_blocks
-        self._block_chars = block_chars
-        self.positions: list[int] = []
-        self.weights: list[int] = []
-        """Blocks each checkpoint stands for (its distance from the previous one)."""
-        self.byte_offsets: list[int] = []
-        self._extend(1024)
-
-    def _extend(self, upto_blocks: int) -> None:
-        pos = self.positions[-1] if self.positions else 0
-        while pos < upto_blocks:
-            step = 1 if pos < self._dense else 1 << ((pos // self._dense).bit_length() - 1)
-            pos += step
-            self.positions.append(pos)
-            self.weights.append(step)
-            self.byte_offsets.append(pos * self._block_chars)
-
-    def count(self, full_blocks: int) -> int:
-        """How many checkpoints a prompt of `full_blocks` blocks has."""
-        if full_blocks > self.positions[-1]:
-            self._extend(full_blocks)
-        return bisect_right(self.positions, full_blocks)
 
 
 @dataclass(slots=True)
@@ -222,8 +190,11 @@ class PrefixIndex:
 
     # -- updates ----------------------------------------------------------------------------
 
-    def insert(self, worker_id: str, block_keys: list[int]) -> None:
-        """Record that `worker_id` now holds this whole prefix (refreshing its recency)."""
+    def insert(self, worker_id: str, block_keys: list[int], fit: bool = True) -> None:
+        """Record that `worker_id` now holds this whole prefix (refreshing its recency).
+        `fit=False` leaves the worker over its budget until its next fitted insert or `fit`:
+        a pick's insert, which the worker may still refuse (`withdraw`), must not push out
+        what the worker does hold before it is known to be computed."""
         if not block_keys:
             return
         account = self._account(worker_id)
@@ -249,11 +220,17 @@ class PrefixIndex:
         account.used += added_blocks
         self._blocks_total += added_blocks
         self._entries_total += added_entries
-        if account.used > account.budget:
+        if fit and account.used > account.budget:
             self._evict(account, account.used - account.budget)
         while self._blocks_total > self.config.max_blocks_total:
             largest = max(self._accounts.values(), key=lambda a: a.used)
             self._evict(largest, self._blocks_total - self.config.max_blocks_total)
+
+    def fit(self, worker_id: str) -> None:
+        """Evict the worker's least recently used entries beyond its budget."""
+        account = self._accounts.get(worker_id)
+        if account is not None and account.used > account.budget:
+            self._evict(account, account.used - account.budget)
 
     def set_capacity(self, worker_id: str, blocks: int) -> None:
         """Set a worker's budget in index blocks, evicting now if it shrank."""
@@ -317,6 +294,30 @@ class PrefixIndex:
         account.used -= freed
         self._blocks_total -= freed
         return freed
+
+    def withdraw(self, worker_id: str, block_keys: list[int], held: int) -> None:
+        """Undo a pick's insert that the worker never acted on (it refused or failed the
+        request before answering): the entries past the first `held` keys, which that insert
+        added. Left in, a refused prompt (one over the model's length, say) stays the worker's
+        most recent entry and pushes out prefixes it does hold: 68 refused prompts of ~2000
+        blocks each on Mooncake's conversation trace cost hybrid 3 points of hit rate."""
+        account = self._accounts.get(worker_id)
+        if account is None:
+            return
+        bit = 1 << account.bit
+        freed = 0
+        for depth in range(len(block_keys) - 1, held - 1, -1):
+            k = block_keys[depth]
+            if self._trie is not None and self._trie.has_subtrie(tuple(block_keys[: depth + 1])):
+                break  # something was indexed below it since: keep the path (prefix-closed)
+            value = account.lru.pop(k, None)
+            if value is None:
+                continue
+            freed += value & _WEIGHT_MASK
+            self._entries_total -= 1
+            self._remove_holder(k, bit)
+        account.used -= freed
+        self._blocks_total -= freed
 
     def eviction_cost(self, worker_id: str, blocks: int) -> int:
         """How valuable what `blocks` new blocks would evict on this worker is: 0 when it has

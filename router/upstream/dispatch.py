@@ -113,6 +113,13 @@ class Dispatcher:
                         if counted < self._retries.max_attempts:
                             self._metrics.retries.labels(exc.cause).inc()
                         continue
+                    except GatewayError:
+                        # The worker refused the request (its 4xx goes to the client): it
+                        # computed nothing, so what the pick indexed for it is undone.
+                        _policy(call).observe(
+                            Outcome(call.routing, decision, ok=False, unanswered=True)
+                        )
+                        raise
                     finally:
                         if retrying:
                             self._retrying -= 1
@@ -161,7 +168,7 @@ class Dispatcher:
         worker = decision.worker
         self._metrics.upstream_failures.labels(exc.cause).inc()
         self._outlier.failure(worker, exc.cause)
-        _policy(call).observe(Outcome(call.routing, decision, ok=False))
+        _policy(call).observe(Outcome(call.routing, decision, ok=False, unanswered=True))
         log.info("attempt on %s failed (%s), request %s", worker.id, exc.cause, call.request_id)
 
     # -- the end of a stream ----------------------------------------------------------------------

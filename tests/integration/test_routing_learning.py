@@ -102,3 +102,25 @@ async def test_hidden_kv_capacity_leaves_the_cache_config_metric_out(
     for handle, present in ((shown[0], True), (hidden[0], False)):
         async with http.get(handle.url + "/metrics") as resp:
             assert ("vllm:cache_config_info" in await resp.text()) is present
+
+
+async def test_a_prompt_the_worker_refused_is_not_indexed(
+    sims: SimFactory, gateway: GatewayFactory, http: aiohttp.ClientSession
+) -> None:
+    """A prompt over the worker's max_model_len is refused (400, passed on to the client) and
+    was never computed: the index must not list it, or it would push out what the worker
+    holds and promise a cache hit for the next prompt that shares it."""
+    from tests.conftest import MODEL, gateway_config
+
+    (handle,) = await sims(1, max_model_len=1000)
+    url = await gateway(gateway_config([handle.url], debug_headers=True))
+    rng = random.Random(13)
+    refused = words(rng, 1200, 3)
+    body = {"model": MODEL, "prompt": refused, "max_tokens": 1}
+    async with http.post(url + "/v1/completions", json=body) as resp:
+        assert resp.status == 400, await resp.text()
+    # A prompt within the limit that shares the refused one's first 600 words.
+    shared = " ".join(refused.split()[:600])
+    predicted, reported = await complete(http, url, MODEL, shared)
+    assert reported == 0
+    assert predicted == 0

@@ -7,7 +7,8 @@ import pytest
 
 from router.config import IndexConfig
 from router.domain.worker import ReportedLoad, Worker
-from router.routing.prefix_index import Checkpoints, PrefixIndex
+from router.routing.checkpoints import Checkpoints
+from router.routing.prefix_index import PrefixIndex
 
 BACKENDS = ["flat", "pygtrie"]
 

@@ -79,6 +79,42 @@ def test_fewer_cached_tokens_than_predicted_drops_what_the_worker_evicted() -> N
     assert policy.feedback.evictions_seen == 1
 
 
+def test_a_prompt_the_worker_refused_is_not_left_in_the_index() -> None:
+    """A pick indexes the prompt for its worker at once, without making room for it; when the
+    worker refuses it (too long for the model, say) or fails before answering, that insert is
+    undone, and only that: what the worker held before stays. A stream that broke after its
+    first byte was computed; an answered prompt makes room, evicting what is least recent."""
+    for backend in ("flat", "pygtrie"):
+        rng = random.Random(6)
+        policy = HybridCost(HybridPolicy(), IndexConfig(backend=backend), random.Random(1))
+        ws = workers(1)
+        index = policy.index
+        older = request(policy, text(rng, 300))
+        policy.pick(older, ws)
+        shared = text(rng, 300)
+        held = request(policy, shared)
+        policy.pick(held, ws)
+        used = index.blocks_of("w0")
+        index.set_capacity("w0", used + 10)  # no room for another prompt
+        refused = request(policy, shared + " " + text(rng, 2000))
+        decision = policy.pick(refused, ws)
+        assert decision.held_keys > 0 and index.blocks_of("w0") > used
+        policy.observe(Outcome(refused, decision, ok=False, unanswered=True))
+        assert index.blocks_of("w0") == used
+        assert index.match(index.block_keys(refused.key)) == index.match(index.block_keys(held.key))
+        assert index.match(index.block_keys(held.key))  # held before the refused pick: kept
+        assert index.match(index.block_keys(older.key))  # and not pushed out by it
+        broke = request(policy, shared + " " + text(rng, 2000))
+        decision = policy.pick(broke, ws)
+        policy.observe(Outcome(broke, decision, ok=False))  # after its first byte
+        assert index.blocks_of("w0") > used
+        # Answered: now the worker is known to hold it, and the index fits its budget.
+        answered = request(policy, text(rng, 2000))
+        decision = policy.pick(answered, ws)
+        policy.observe(Outcome(answered, decision, ok=True, prompt_tokens=2000, cached_tokens=0))
+        assert index.blocks_of("w0") <= used + 10
+
+
 def _one_shortfall(rng: random.Random, prompts: int) -> tuple[HybridCost, list[Worker]]:
     """A worker of unreported capacity given `prompts` prompts, then one answer for the first
     of them again that reports nothing cached."""
@@ -264,3 +300,30 @@ def test_other_replicas_decisions_count_as_placed_load() -> None:
     first_turn = request(policy, system + text(rng, 50))
     first_turn.session_id = "s"
     assert policy.pick(first_turn, ws).worker.id == "w1"
+
+
+def test_a_long_prefix_held_once_is_not_copied_for_a_small_wait() -> None:
+    """The worker holding a long history is a little slower right now: copying the history to
+    an idle worker would compute it twice and push out what that worker holds. Unless the
+    prefix is held twice already (a shared one, whose copies spread its load) or the request
+    belongs to a session (its first turn places the rest: spreading keeps its weight)."""
+
+    def chosen(copy_weight: float, holders: int, session: str | None = None) -> str:
+        rng = random.Random(8)
+        policy = HybridCost(HybridPolicy(copy_weight=copy_weight), IndexConfig(), rng)
+        ws = workers(3)
+        history = text(rng, 4000)
+        for worker in ws[:holders]:
+            policy.index.insert(worker.id, policy.index.block_keys(history))
+            worker.prefill_backlog_tokens = 7000  # its queue: 0.35 s at the prior rate
+        for worker in ws[holders:-1]:
+            worker.prefill_backlog_tokens = 100_000  # out of the running
+        turn = request(policy, history + " " + text(rng, 50))
+        turn.session_id = session
+        return policy.pick(turn, ws).worker.id
+
+    # The idle w2 is 0.15 s sooner (beyond the affinity margin) by TTFT alone: copied there.
+    assert chosen(copy_weight=0.0, holders=1) == "w2"
+    assert chosen(copy_weight=1.0, holders=1) == "w0"
+    assert chosen(copy_weight=1.0, holders=2) == "w2"
+    assert chosen(copy_weight=1.0, holders=1, session="s") == "w2"
