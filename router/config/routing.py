@@ -99,9 +99,11 @@ class HybridPolicy(Strict):
     copy_weight: float = Field(
         1.0,
         ge=0,
-        description="seconds added per second of prefill a choice recomputes: the tokens another"
-        " worker holds and this one lacks, at this worker's prefill rate (a copy's GPU time and"
-        " cache space, which the TTFT estimate omits); 0 leaves TTFT alone to decide",
+        description="for requests without a session: seconds added per second of prefill a"
+        " choice computes again, the tokens of the longest prefix that one worker alone holds"
+        " and this one lacks, at this worker's prefill rate (a copy's GPU time and cache space,"
+        " which the TTFT estimate omits); not for a prefix held twice or a holder given well"
+        " over its share of recent requests; 0 leaves TTFT alone to decide",
     )
     session_max_entries: int = Field(
         100_000, ge=1, description="sessions remembered in memory; least recently used go first"
