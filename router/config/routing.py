@@ -97,7 +97,7 @@ class HybridPolicy(Strict):
         "costs cache space the estimate omits)",
     )
     copy_weight: float = Field(
-        1.0,
+        0.5,
         ge=0,
         description="for requests without a session: seconds added per second of prefill a"
         " choice computes again, the tokens of the longest prefix that one worker alone holds"
