@@ -144,9 +144,9 @@ class HybridCost:
         history whose holder has one prefill queued looked cheaper copied to an idle worker,
         and copies pushed out other histories (Mooncake conversation trace, prompts of 8.3k
         tokens at the median: 17.7% hit with copy_weight 0, 19.2% with 0.5, 19.8% with 1,
-        19.4% with 2). With
-        shorter prompts copies matter less and spreading more: at 4 trace tokens a word and 12
-        characters per token 14.7% with 0, 15.3% with 0.5, 13.8% with 1; hence 0.5."""
+        19.4% with 2). With shorter prompts copies matter less and spreading more: at 4 trace
+        tokens a word and 12 characters per token 14.7% with 0, 15.3% with 0.5, 13.8% with 1;
+        hence 0.5."""
         weight = self._config.copy_weight
         most = max(cached, default=0)
         if not weight or not most or cached.count(most) > 1:
@@ -280,10 +280,11 @@ class HybridCost:
         index = self.index
         if outcome.answer_key is not None:
             keys = index.block_keys(outcome.answer_key, outcome.request.partition)
-            index.insert(worker.id, keys)
+            index.insert(worker.id, keys)  # fitted: the room the pick's insert did not make
             if outcome.share_insert is not None:
                 outcome.share_insert(worker.id, keys)
-        index.fit(worker.id)
+        else:
+            index.fit(worker.id)  # the room the pick's insert did not make
         if outcome.ttft_s is not None:
             prompt = outcome.prompt_tokens or outcome.request.prompt_tokens
             cached = decision.matched_tokens

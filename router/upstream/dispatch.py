@@ -114,11 +114,8 @@ class Dispatcher:
                             self._metrics.retries.labels(exc.cause).inc()
                         continue
                     except GatewayError:
-                        # The worker refused the request (its 4xx goes to the client): it
-                        # computed nothing, so what the pick indexed for it is undone.
-                        _policy(call).observe(
-                            Outcome(call.routing, decision, ok=False, unanswered=True)
-                        )
+                        # The worker refused the request (its 4xx goes to the client).
+                        _unanswered(call, decision)
                         raise
                     finally:
                         if retrying:
@@ -168,7 +165,7 @@ class Dispatcher:
         worker = decision.worker
         self._metrics.upstream_failures.labels(exc.cause).inc()
         self._outlier.failure(worker, exc.cause)
-        _policy(call).observe(Outcome(call.routing, decision, ok=False, unanswered=True))
+        _unanswered(call, decision)
         log.info("attempt on %s failed (%s), request %s", worker.id, exc.cause, call.request_id)
 
     # -- the end of a stream ----------------------------------------------------------------------
@@ -221,6 +218,12 @@ class Dispatcher:
                 share_insert=call.share_insert,
             )
         )
+
+
+def _unanswered(call: UpstreamCall, decision: Decision) -> None:
+    """Tell the policy the worker gave no first byte (refused or failed): it computed nothing,
+    so what the pick indexed for it is undone."""
+    _policy(call).observe(Outcome(call.routing, decision, ok=False, unanswered=True))
 
 
 def _policy(call: UpstreamCall) -> Policy:
