@@ -23,6 +23,8 @@ worker (`adapter_s`): a load where no batch runs it, and a wait where every slot
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from router.config import HybridPolicy
 from router.domain.worker import Worker
 from router.routing.rates import LearnedRates
@@ -44,22 +46,28 @@ class CostModel:
         where a slot is free, a load and a free slot where other adapters hold them all."""
         return 0.0 if adapter is None else self._adapter_s[worker.adapter_state(adapter)]
 
-    def queue_s(self, worker: Worker, rate: float) -> float:
-        """Prefill work already queued ahead of a new request on this worker."""
-        backlog_s = worker.prefill_backlog_tokens / rate
-        # Waiting requests beyond this gateway's own in flight are other gateways' traffic,
-        # which the backlog cannot know; the rest are already counted, and more precisely.
-        unknown = max(0, worker.reported.waiting - worker.in_flight)
-        return backlog_s + unknown * self._queue_s_per_waiting
-
-    def ttft_s(self, worker: Worker, uncached_tokens: int) -> float:
-        rates = self.rates
-        rate = rates.rate(worker.id)
-        in_flight = worker.fleet_in_flight
-        running = max(worker.reported.running, in_flight)
-        return (
-            self.queue_s(worker, rate)
-            + max(0, uncached_tokens) / rate
-            + running * rates.decode_s(worker.id)
-            + in_flight * self._balance_s_per_request
-        )
+    def ttft_all(
+        self, candidates: Sequence[Worker], prompt_tokens: int, cached: Sequence[int]
+    ) -> list[float]:
+        """The estimated TTFT on each candidate of a prompt of which each holds `cached`
+        tokens (the formula above). Written out in one loop: a call per term and worker was a
+        fifth of the pick's cost."""
+        rate_of, decode_of = self.rates.rate, self.rates.decode_s
+        per_waiting, per_request = self._queue_s_per_waiting, self._balance_s_per_request
+        out: list[float] = []
+        for worker, held in zip(candidates, cached, strict=True):
+            rate = rate_of(worker.id)
+            in_flight = worker.fleet_in_flight
+            reported = worker.reported
+            running = max(reported.running, in_flight)
+            # Waiting requests beyond this gateway's own in flight are other gateways' traffic,
+            # which the backlog cannot know; the rest are already counted, and more precisely.
+            unknown = max(0, reported.waiting - worker.in_flight)
+            out.append(
+                worker.prefill_backlog_tokens / rate  # the queue ahead, then this prompt's own
+                + unknown * per_waiting
+                + max(0, prompt_tokens - held) / rate
+                + running * decode_of(worker.id)
+                + in_flight * per_request
+            )
+        return out

@@ -91,8 +91,7 @@ class HybridCost:
         self, request: RoutingRequest, candidates: Sequence[Worker], cached: list[int]
     ) -> list[float]:
         model = self.cost_model
-        ttft, prompt_tokens = model.ttft_s, request.prompt_tokens
-        costs = [ttft(w, prompt_tokens - c) for w, c in zip(candidates, cached, strict=True)]
+        costs = model.ttft_all(candidates, request.prompt_tokens, cached)
         adapter = request.adapter
         if adapter is not None:
             costs = [
@@ -134,7 +133,11 @@ class HybridCost:
         return holders[0] if len(holders) == 1 else self._rng.choice(holders)
 
     def _with_copy_cost(
-        self, candidates: Sequence[Worker], cached: list[int], costs: list[float], now: float
+        self,
+        candidates: Sequence[Worker],
+        cached: list[int],
+        costs: list[float],
+        recent: tuple[list[float], float],
     ) -> list[float]:
         """Costs plus the prefill a choice computes a second time: the tokens the one worker
         holding the longest prefix has and this one does not (their prefill on this worker,
@@ -155,7 +158,7 @@ class HybridCost:
         # prompt many requests share): its copies are what spreads the load. Priced there too,
         # hot groups stayed on too few workers (mixed workload imbalance 1.39-1.43 against
         # 1.27-1.31, same hit rate).
-        loads, ceiling = self._recent_loads(candidates, now)
+        loads, ceiling = recent
         if loads[cached.index(most)] > ceiling:
             return costs
         rate = self.cost_model.rates.rate
@@ -167,9 +170,10 @@ class HybridCost:
     def pick(self, request: RoutingRequest, candidates: Sequence[Worker]) -> Decision:
         keys, cached, costs, blocks = self.estimate(request, candidates)
         now = self.recent.now()
+        recent = self._recent_loads(candidates, now)
         if request.session_id is None:
             # A session's first turn places its later turns: spreading sessions keeps its weight.
-            costs = self._with_copy_cost(candidates, cached, costs, now)
+            costs = self._with_copy_cost(candidates, cached, costs, recent)
         precise = self.precise if request.block_hashes is not None else None
         best = min(costs)
 
@@ -185,7 +189,7 @@ class HybridCost:
                         break
         if chosen < 0:
             # A placement: it brings later work along, so the recent load counts too.
-            costs = self._placement_costs(candidates, costs, now)
+            costs = self._placement_costs(costs, recent)
             best = min(costs)
         if chosen < 0 and session_id is None:
             chosen = self._affine(cached, costs, best)
@@ -225,15 +229,15 @@ class HybridCost:
         )
 
     def _placement_costs(
-        self, candidates: Sequence[Worker], costs: list[float], now: float
+        self, costs: list[float], recent: tuple[list[float], float]
     ) -> list[float]:
         """Costs plus a price on recent load well above the candidates' mean: a soft cap on
         imbalance that leaves affinity alone while load is about even (a linear price on all
         recent load cost 2 points of hit rate on the trace, for balance nobody needed)."""
         per_request = self._config.placement_s_per_recent_request
-        if not per_request or len(candidates) < 2:
+        if not per_request or len(costs) < 2:
             return costs
-        loads, ceiling = self._recent_loads(candidates, now)
+        loads, ceiling = recent
         return [
             cost + per_request * max(0.0, load - ceiling)
             for load, cost in zip(loads, costs, strict=True)

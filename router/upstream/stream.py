@@ -137,9 +137,10 @@ class Answer:
         """Complete events as the client gets them: usage read (and dropped unless the client
         asked for it), `[DONE]` noted, the seam and the call's transform applied."""
         call = self.call
-        if b'"usage"' in data:
+        at = data.find(b'"usage"')
+        if at >= 0:
             data, usage, done = split_usage_event(
-                data, not call.client_wants_usage, call.cached_override
+                data, not call.client_wants_usage, call.cached_override, at
             )
             if usage is not None and call.usage_offset:
                 usage.prompt_tokens = max(0, usage.prompt_tokens - call.usage_offset)
