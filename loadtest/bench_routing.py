@@ -127,6 +127,9 @@ async def run_workload(name: str, args: argparse.Namespace) -> dict[str, Any]:
                     redis_url,
                     external=cmd,
                     capacity_in_yaml=args.capacity == "yaml",
+                    records=args.records.format(workload=name, router=label)
+                    if args.records
+                    else None,
                 )
             )
             r = rows[-1]
@@ -244,6 +247,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--router-name", action="append", help="the table's name for each --router-cmd, in order"
+    )
+    parser.add_argument(
+        "--records",
+        help="write each request's record (route, cached tokens, timing, text) as JSON lines "
+        "to this path ({workload} and {router} are replaced), for `bench routing-regret`",
     )
     parser.add_argument("--json", default="loadtest/results/routing-{workload}.json")
     parser.add_argument("--png", default="loadtest/results/routing-{workload}.png")

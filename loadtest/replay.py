@@ -14,7 +14,8 @@ import itertools
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -167,3 +168,16 @@ async def _send(
     record.answer = "".join(parts)
     if not record.output_tokens:
         record.output_tokens = len(parts)
+
+
+def write_records(path: str, records: list[Record]) -> None:
+    """One JSON object per request, in arrival order (`read_records` reads them back)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        for record in records:
+            f.write(json.dumps(asdict(record)) + "\n")
+
+
+def read_records(path: str) -> list[Record]:
+    with open(path) as f:
+        return [Record(**json.loads(line)) for line in f if line.strip()]

@@ -23,7 +23,7 @@ from loadtest.gateway_probe import (
 )
 from loadtest.intrinsic import ChatTokens, pooled_hits, pooled_reuse
 from loadtest.procs import Proc, call_all, cpu_seconds, start_gateway_process, wait_ready
-from loadtest.replay import Replay, replay
+from loadtest.replay import Replay, replay, write_records
 from loadtest.stats import imbalance, percentile
 from loadtest.ttft_floor import ttft_floors_s
 from loadtest.workloads import Workload
@@ -70,6 +70,7 @@ async def run_policy(
     redis_url: str | None = None,
     external: str | None = None,
     capacity_in_yaml: bool = False,
+    records: str | None = None,
 ) -> dict[str, Any]:
     """One row: `policy` through the gateway, or the external router whose template is given."""
     if redis_url is not None:
@@ -109,6 +110,8 @@ async def run_policy(
     finally:
         for gateway in gateways:
             gateway.stop()
+    if records is not None:
+        write_records(records, result.records)
     row = _summarize(policy, result, counters, reasons, cpu, capacity * len(sims))
     row["machine_busy"] = (busy1 - busy0) / (total1 - total0) if total1 > total0 else 0.0
     row["router_cpu_ms_per_request"] = 1000 * router_cpu / max(1, row["requests"])

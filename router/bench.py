@@ -17,6 +17,7 @@ BENCHMARKS = {
     "scale": "loadtest.bench_scale",
     "key-stall": "loadtest.bench_key_stall",
     "routing-report": "loadtest.routing_charts",
+    "routing-regret": "loadtest.routing_regret",
 }
 
 

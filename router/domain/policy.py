@@ -86,6 +86,11 @@ class Decision:
     index_stamp: int = 0
     """Recency stamp of the chosen worker's deepest matched index entry before this pick, so
     the outcome can tell what the worker evicted."""
+    matched_pending: bool = False
+    """That entry was last indexed by a pick still waiting for its answer: the worker may be
+    computing it yet, so a shortfall in cached tokens is no sign of an eviction."""
+    pick_stamp: int = 0
+    """Recency stamp of this pick's own insert (pending until its outcome)."""
     held_keys: int = 0
     """How many of `block_keys` the chosen worker held before this pick: the rest are what
     the pick indexed for it."""
@@ -146,8 +151,11 @@ class SharesInserts(Protocol):
         rolling upgrade, or with a different `index` config)."""
         ...
 
-    def apply_remote_insert(self, worker_id: str, block_keys: list[int]) -> None:
-        """Another replica sent a request with these approximate keys to this worker."""
+    def apply_remote_insert(
+        self, worker_id: str, block_keys: list[int], prefill_tokens: int = 0
+    ) -> None:
+        """Another replica sent a request with these approximate keys to this worker, with
+        `prefill_tokens` uncached (0: an answer's insert, or not said)."""
         ...
 
 

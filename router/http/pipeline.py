@@ -164,7 +164,7 @@ async def forward_openai(
                     pool.name, tenant.name, session
                 )
             call.on_decision = lambda decision: _share_decision(
-                state, decision, tenant.name, session
+                state, decision, tenant.name, session, call.routing.prompt_tokens
             )
             call.share_insert = partial(state.fleet.publish_insert, pool.name)
             if not pool.config.result_cache.enabled or not is_deterministic(body):
@@ -186,16 +186,22 @@ def salt_for_tenant(body: dict[str, Any], salt: str) -> None:
 
 
 def _share_decision(
-    state: GatewayState, decision: Decision, tenant: str, session: str | None
+    state: GatewayState,
+    decision: Decision,
+    tenant: str,
+    session: str | None,
+    prompt_tokens: int,
 ) -> None:
-    """Tell the other replicas where this request goes (sessions and index inserts)."""
+    """Tell the other replicas where this request goes (sessions, index inserts and the
+    prefill it queues there)."""
     worker = decision.worker
     if session is not None:
         pool = state.registry.pools.get(worker.pool)
         ttl_s = pool.config.session_ttl_s if pool is not None else None
         state.fleet.remember_session(worker.pool, tenant, session, worker.id, ttl_s)
     if decision.block_keys:
-        state.fleet.publish_insert(worker.pool, worker.id, decision.block_keys)
+        prefill = max(0, prompt_tokens - decision.matched_tokens)
+        state.fleet.publish_insert(worker.pool, worker.id, decision.block_keys, prefill)
 
 
 async def _through_result_cache(

@@ -11,7 +11,9 @@ requests beyond the gateway's own in-flight count add to the backlog: charging a
 `queue_s_per_waiting` for a request the backlog already prices at a few milliseconds made a
 second-old snapshot of one busy step push cached prompts elsewhere. Likewise running sequences
 are the larger of the report and the gateway's `in_flight`. Behind several replicas, in flight
-counts the others' requests too (`Worker.peer_in_flight`, from the worker's last report).
+counts the others' requests too (`Worker.peer_in_flight`, from the worker's last report), and
+the queue ahead holds the prefill their shared decisions said they sent there (`PeerBacklog`):
+a waiting count at 50 ms a request prices a 10k-token prompt at a sixth of its prefill.
 The last term is not a TTFT estimate but a deliberate price on concentration: a TTFT estimate
 alone sends every new session to the worker holding its system prompt whenever that is a little
 faster right now, although each session brings all its later turns along; charging each request
@@ -47,15 +49,21 @@ class CostModel:
         return 0.0 if adapter is None else self._adapter_s[worker.adapter_state(adapter)]
 
     def ttft_all(
-        self, candidates: Sequence[Worker], prompt_tokens: int, cached: Sequence[int]
+        self,
+        candidates: Sequence[Worker],
+        prompt_tokens: int,
+        cached: Sequence[int],
+        peer_backlog: Sequence[float] | None = None,
     ) -> list[float]:
         """The estimated TTFT on each candidate of a prompt of which each holds `cached`
-        tokens (the formula above). Written out in one loop: a call per term and worker was a
-        fifth of the pick's cost."""
+        tokens (the formula above), other replicas' prefill on it (`PeerBacklog`) queued ahead
+        too. Written out in one loop: a call per term and worker was a fifth of the pick's
+        cost."""
         rate_of, decode_of = self.rates.rate, self.rates.decode_s
         per_waiting, per_request = self._queue_s_per_waiting, self._balance_s_per_request
+        peers = peer_backlog or [0.0] * len(candidates)
         out: list[float] = []
-        for worker, held in zip(candidates, cached, strict=True):
+        for worker, held, peer in zip(candidates, cached, peers, strict=True):
             rate = rate_of(worker.id)
             in_flight = worker.fleet_in_flight
             reported = worker.reported
@@ -64,7 +72,7 @@ class CostModel:
             # which the backlog cannot know; the rest are already counted, and more precisely.
             unknown = max(0, reported.waiting - worker.in_flight)
             out.append(
-                worker.prefill_backlog_tokens / rate  # the queue ahead, then this prompt's own
+                (worker.prefill_backlog_tokens + peer) / rate  # the queue ahead, then its own
                 + unknown * per_waiting
                 + max(0, prompt_tokens - held) / rate
                 + running * decode_of(worker.id)

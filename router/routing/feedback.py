@@ -44,6 +44,8 @@ class CacheFeedback:
         tolerance = 2 * _BLOCK_TOKENS + predicted // 8
         learned = not worker.capacity_blocks
         if cached + tolerance < predicted:
+            if decision.matched_pending:
+                return  # still being computed for the request that indexed it, maybe
             self.evictions_seen += 1
             index.drop_older(worker.id, decision.index_stamp)
             if learned:

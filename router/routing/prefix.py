@@ -77,7 +77,9 @@ class PrefixAffinity:
     def key_scheme(self) -> str:
         return self.index.key_scheme
 
-    def apply_remote_insert(self, worker_id: str, block_keys: list[int]) -> None:
+    def apply_remote_insert(
+        self, worker_id: str, block_keys: list[int], prefill_tokens: int = 0
+    ) -> None:
         self.index.insert(worker_id, block_keys)
 
     def forget_worker(self, worker: Worker) -> None:

@@ -45,7 +45,7 @@ class FleetSync:
         self._keys = keys
         self._index_of = index_of
         self._session_ttl_s = session_ttl_s
-        self._pending: list[tuple[str, str, list[int]]] = []
+        self._pending: list[tuple[str, str, list[int], int]] = []
         self._background: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
         self._bad_entries = LogOnce(log)
@@ -76,11 +76,15 @@ class FleetSync:
 
     # -- index inserts ----------------------------------------------------------------------------
 
-    def publish_insert(self, pool: str, worker_id: str, block_keys: list[int]) -> None:
+    def publish_insert(
+        self, pool: str, worker_id: str, block_keys: list[int], prefill_tokens: int = 0
+    ) -> None:
+        """Share an index insert; a routing decision's also says how many of its prompt's
+        tokens the worker computes (the others queue behind them)."""
         if not isinstance(self._backend, RedisState) or not self._backend.shared:
             return
         if len(self._pending) < _MAX_PENDING:
-            self._pending.append((pool, worker_id, block_keys))
+            self._pending.append((pool, worker_id, block_keys, prefill_tokens))
             self._wake.set()
 
     async def run_publisher(self) -> None:
@@ -94,7 +98,7 @@ class FleetSync:
             if client is None or not batch:
                 continue
             pipe = client.pipeline(transaction=False)
-            for pool, worker_id, block_keys in batch:
+            for pool, worker_id, block_keys, prefill_tokens in batch:
                 index = self._index_of(pool, worker_id)
                 if index is None:
                     continue  # the worker left the pool meanwhile
@@ -104,6 +108,8 @@ class FleetSync:
                     "scheme": index.key_scheme,
                     "keys": " ".join(map(str, block_keys)),
                 }
+                if prefill_tokens > 0:
+                    entry["prefill"] = str(prefill_tokens)
                 pipe.xadd(
                     self._keys.index_stream_of(pool, worker_id),
                     entry,  # type: ignore[arg-type]
@@ -153,6 +159,7 @@ class FleetSync:
             raw = fields.get(b"keys")
             worker_id = worker.decode() if worker is not None else None
             block_keys = [int(k) for k in raw.split()] if raw is not None else None
+            prefill = max(0, int(fields.get(b"prefill", b"0")))  # absent before this field
         except (UnicodeDecodeError, ValueError, AttributeError) as exc:
             # Another writer's bad entry names no block of ours; the next ones still apply.
             self._bad_entries.warning(
@@ -177,4 +184,4 @@ class FleetSync:
                 index.key_scheme,
             )
             return
-        index.apply_remote_insert(worker_id, block_keys)
+        index.apply_remote_insert(worker_id, block_keys, prefill)

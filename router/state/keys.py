@@ -42,8 +42,9 @@ tag), and every other multi-key operation is a pipeline of single-key commands.
 - `{p}session:{model}:{tenant}:{session}` (string, gateway, the pool's `session_ttl_s`): the
   session's worker id. Scoped by tenant: two tenants' equal session ids are two sessions.
 - `{p}idx:{<model>:<shard>}` (stream, gateway, MAXLEN ~IDX_STREAM_MAXLEN each): approximate
-  index inserts with fields replica, worker, keys (space-separated ints), sharded by worker like
-  the KV streams.
+  index inserts with fields replica, worker, keys (space-separated ints) and, for a routing
+  decision, prefill (the tokens it sends the worker to compute), sharded by worker like the KV
+  streams.
 - `{p}rl:{tenant}:{limit}` (gateway, Lua script, window TTL): rate-limit state.
 - `{p}cache:{tenant}:{digest}` (string, gateway, result-cache TTL): a cached answer.
 """

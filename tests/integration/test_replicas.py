@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from functools import partial
+from typing import Any
 
 import aiohttp
 
@@ -129,3 +130,58 @@ async def test_the_answer_one_replica_indexed_reaches_the_others(
         lambda: index.match(index.block_keys(with_answer)).get(worker_id, 0) == whole,
         what="replica b knows the worker holds prompt and answer",
     )
+
+
+async def test_a_decision_shares_the_prefill_it_queues_and_the_others_count_it(
+    sims: SimFactory, app_gateways: AppGateways, http: aiohttp.ClientSession, redis_url: str
+) -> None:
+    """A replica's routing decision says how many tokens it sent the worker to compute; the
+    other replicas queue their estimates behind them (a waiting count in the worker's report
+    prices a long prompt at a fraction of its prefill)."""
+    import redis.asyncio as aioredis
+
+    from router.state.keys import Keys
+
+    (worker,) = await sims(1)
+    config = gateway_config([worker.url], state=_state(redis_url))
+    (a, app_a), (_, app_b) = [await app_gateways(config) for _ in range(2)]
+    policy_b = app_b[STATE].registry.pools[MODEL].policy
+    assert isinstance(policy_b, HybridCost)
+    worker_id = app_b[STATE].registry.pools[MODEL].workers[0].id
+    stream = Keys().index_stream_of(MODEL, worker_id)
+    redis = aioredis.Redis.from_url(redis_url)
+    try:
+        prompt = chat_body(" ".join(f"cold{i}" for i in range(400)))
+        async with http.post(a + "/v1/chat/completions", json=prompt) as resp:
+            assert resp.status == 200
+        replica_a = app_a[STATE].fleet.replica
+
+        async def shared_prefill() -> int:
+            entries: Any = await redis.xrange(stream)  # redis-py's reply type is a union
+            for _id, fields in entries:
+                if fields[b"replica"] == replica_a.encode() and b"prefill" in fields:
+                    return int(fields[b"prefill"])
+            return 0
+
+        async def decision_shared() -> bool:
+            return await shared_prefill() > 0
+
+        await wait_for(decision_shared, what="replica a's decision in the stream")
+        assert 300 < await shared_prefill() <= 1200  # the cold prompt's tokens, about
+        # Another replica's decision queued far more there than drains while we look.
+        entry = {
+            "replica": "other",
+            "worker": worker_id,
+            "scheme": SCHEME,
+            "keys": "41 42",
+            "prefill": "100000000",
+        }
+        await redis.xadd(stream, entry)  # type: ignore[arg-type]
+        now = policy_b.recent.now
+
+        def queued_behind() -> bool:
+            return policy_b.peer_backlog.tokens(worker_id, now(), 20_000.0) > 1e7
+
+        await wait_for(queued_behind, what="replica b counts the other's prefill")
+    finally:
+        await redis.aclose()

@@ -33,6 +33,12 @@ def request(policy: HybridCost, key: str) -> RoutingRequest:
     return RoutingRequest(model="m", key=key, prompt_tokens=tokens, max_tokens=8)
 
 
+def answered(policy: HybridCost, r: RoutingRequest, ws: list[Worker]) -> None:
+    """`r` routed and answered, with nothing of it cached before."""
+    decision = policy.pick(r, ws)
+    policy.observe(Outcome(r, decision, ok=True, prompt_tokens=r.prompt_tokens, cached_tokens=0))
+
+
 def test_calibration_learns_characters_per_token_and_bumps_version() -> None:
     calibration = TokenCalibration()
     key = "x" * 1200
@@ -66,7 +72,7 @@ def test_fewer_cached_tokens_than_predicted_drops_what_the_worker_evicted() -> N
     ws = workers(1)
     old = [request(policy, text(rng, 400)) for _ in range(3)]
     for r in old:
-        policy.pick(r, ws)
+        answered(policy, r, ws)
     probe = old[1]
     decision = policy.pick(probe, ws)
     assert decision.matched_tokens > 300
@@ -76,6 +82,32 @@ def test_fewer_cached_tokens_than_predicted_drops_what_the_worker_evicted() -> N
     assert not index.match(index.block_keys(old[0].key))
     assert index.match(index.block_keys(old[2].key))  # used after the evicted one: kept
     assert index.match(index.block_keys(probe.key))  # just computed again: held now
+    assert policy.feedback.evictions_seen == 1
+
+
+def test_a_prefix_still_being_computed_is_no_eviction() -> None:
+    """A request matching a prefix that an earlier pick indexed, before that pick's answer
+    came, may find it not computed yet: its shortfall in cached tokens drops nothing (taken
+    for an eviction, it erased everything older the worker held). Once the prefix was
+    answered, a shortfall is an eviction again."""
+    rng = random.Random(4)
+    policy = HybridCost(HybridPolicy(), IndexConfig(), random.Random(1))
+    ws = workers(1)
+    index = policy.index
+    older = request(policy, text(rng, 400))
+    answered(policy, older, ws)
+    first = request(policy, text(rng, 400))
+    computing = policy.pick(first, ws)  # its answer has not come
+    again = policy.pick(first, ws)
+    assert again.matched_tokens > 300 and again.matched_pending
+    policy.observe(Outcome(first, again, ok=True, prompt_tokens=400, cached_tokens=0))
+    assert index.match(index.block_keys(older.key))  # nothing dropped
+    assert policy.feedback.evictions_seen == 0
+    policy.observe(Outcome(first, computing, ok=True, prompt_tokens=400, cached_tokens=0))
+    late = policy.pick(first, ws)
+    assert not late.matched_pending
+    policy.observe(Outcome(first, late, ok=True, prompt_tokens=400, cached_tokens=0))
+    assert not index.match(index.block_keys(older.key))  # used before the evicted one
     assert policy.feedback.evictions_seen == 1
 
 
@@ -122,7 +154,7 @@ def _one_shortfall(rng: random.Random, prompts: int) -> tuple[HybridCost, list[W
     ws = workers(1)
     sent = [request(policy, text(rng, 400)) for _ in range(prompts)]
     for r in sent:
-        policy.pick(r, ws)
+        answered(policy, r, ws)
     decision = policy.pick(sent[0], ws)
     policy.observe(Outcome(sent[0], decision, ok=True, prompt_tokens=400, cached_tokens=0))
     return policy, ws
@@ -154,7 +186,8 @@ def test_null_cached_tokens_count_only_after_the_worker_reported_numbers() -> No
     policy = HybridCost(HybridPolicy(), IndexConfig())
     ws = workers(1)
     r = request(policy, text(rng, 400))
-    policy.pick(r, ws)
+    first = policy.pick(r, ws)
+    policy.observe(Outcome(r, first, ok=True, prompt_tokens=400, cached_tokens=None))
     decision = policy.pick(r, ws)
     policy.observe(Outcome(r, decision, ok=True, prompt_tokens=400, cached_tokens=None))
     assert policy.feedback.evictions_seen == 0  # null from a worker that never sent a number
@@ -327,3 +360,24 @@ def test_a_long_prefix_held_once_is_not_copied_for_a_small_wait() -> None:
     assert chosen(copy_weight=1.0, holders=1) == "w0"
     assert chosen(copy_weight=1.0, holders=2) == "w2"
     assert chosen(copy_weight=1.0, holders=1, session="s") == "w2"
+
+
+def test_prefill_another_replica_sent_queues_ahead_and_drains_at_the_workers_rate() -> None:
+    """Another replica's decision says it sent a worker 20k tokens to compute: this replica's
+    next cold prompt goes elsewhere, and once the worker had the time to compute them (at its
+    prefill rate) that worker counts as free again."""
+    clock = [0.0]
+    policy = clocked_policy(clock)
+    ws = workers(2)
+    rng = random.Random(14)
+    policy.apply_remote_insert("w0", policy.index.block_keys(text(rng, 100)), 20_000)
+    policy.apply_remote_insert("w1", policy.index.block_keys(text(rng, 100)))  # an answer's
+    assert policy.peer_backlog.tokens("w0", clock[0], 20_000.0) == 20_000
+    cold = [request(policy, text(rng, 300)) for _ in range(3)]
+    assert policy.pick(cold[0], ws).worker.id == "w1"
+    clock[0] = 0.5  # half of it computed at the prior rate (20k tokens/s)
+    assert policy.peer_backlog.tokens("w0", clock[0], 20_000.0) == 10_000
+    clock[0] = 1.5
+    assert policy.peer_backlog.tokens("w0", clock[0], 20_000.0) == 0
+    assert not policy.peer_backlog  # behind one replica again: nothing to add per pick
+    assert policy.pick(cold[1], ws).worker.id == "w0"  # w1 has this replica's first request
