@@ -6,6 +6,7 @@ from functools import partial
 from typing import Any
 
 import aiohttp
+from aiohttp import web
 
 from router.config import IndexConfig
 from router.http.context import STATE
@@ -106,17 +107,24 @@ async def test_inserts_for_an_unknown_worker_or_keyed_otherwise_are_ignored(
         await redis.aclose()
 
 
+async def _two_replicas_one_worker(
+    sims: SimFactory, app_gateways: AppGateways, redis_url: str
+) -> tuple[str, web.Application, HybridCost, str]:
+    """Replica a's URL and app, replica b's policy, and the id of the one worker behind both."""
+    (worker,) = await sims(1)
+    config = gateway_config([worker.url], state=_state(redis_url))
+    (a, app_a), (_, app_b) = [await app_gateways(config) for _ in range(2)]
+    policy_b = app_b[STATE].registry.pools[MODEL].policy
+    assert isinstance(policy_b, HybridCost)
+    return a, app_a, policy_b, app_b[STATE].registry.pools[MODEL].workers[0].id
+
+
 async def test_the_answer_one_replica_indexed_reaches_the_others(
     sims: SimFactory, app_gateways: AppGateways, http: aiohttp.ClientSession, redis_url: str
 ) -> None:
     """vLLM caches the answer's blocks too; a conversation's next turn that lands on another
     replica must match the whole history there, not just the previous prompt."""
-    (worker,) = await sims(1)
-    config = gateway_config([worker.url], state=_state(redis_url))
-    (a, _), (_, app_b) = [await app_gateways(config) for _ in range(2)]
-    policy_b = app_b[STATE].registry.pools[MODEL].policy
-    assert isinstance(policy_b, HybridCost)
-    worker_id = app_b[STATE].registry.pools[MODEL].workers[0].id
+    a, _, policy_b, worker_id = await _two_replicas_one_worker(sims, app_gateways, redis_url)
     first = chat_body(" ".join(f"history{i}" for i in range(120)), max_tokens=64)
     async with http.post(a + "/v1/chat/completions", json=first) as resp:
         assert resp.status == 200
@@ -142,12 +150,7 @@ async def test_a_decision_shares_the_prefill_it_queues_and_the_others_count_it(
 
     from router.state.keys import Keys
 
-    (worker,) = await sims(1)
-    config = gateway_config([worker.url], state=_state(redis_url))
-    (a, app_a), (_, app_b) = [await app_gateways(config) for _ in range(2)]
-    policy_b = app_b[STATE].registry.pools[MODEL].policy
-    assert isinstance(policy_b, HybridCost)
-    worker_id = app_b[STATE].registry.pools[MODEL].workers[0].id
+    a, app_a, policy_b, worker_id = await _two_replicas_one_worker(sims, app_gateways, redis_url)
     stream = Keys().index_stream_of(MODEL, worker_id)
     redis = aioredis.Redis.from_url(redis_url)
     try:
