@@ -67,24 +67,44 @@ def pooled_reuse(
     return sum(h for h, _ in per_request), sum(n for _, n in per_request)
 
 
+class BlockLru:
+    """One cache of `capacity_blocks` chained block hashes, least recently used out first."""
+
+    def __init__(self, capacity_blocks: int) -> None:
+        self._capacity = capacity_blocks
+        self._blocks: OrderedDict[int, None] = OrderedDict()
+
+    def leading(self, prompt: Sequence[int], block_tokens: int = BLOCK_TOKENS) -> int:
+        """Prompt tokens a request would find cached: whole leading blocks, at most
+        (n-1)//block_tokens of them (vLLM always computes the last prompt token)."""
+        chain = block_chain(prompt, block_tokens)
+        limit = max(0, (len(prompt) - 1) // block_tokens)
+        matched = 0
+        while matched < limit and chain[matched] in self._blocks:
+            matched += 1
+        return matched * block_tokens
+
+    def add(
+        self, prompt: Sequence[int], output: Sequence[int], block_tokens: int = BLOCK_TOKENS
+    ) -> None:
+        """The request's prompt and computed output join as the most recent blocks."""
+        blocks = self._blocks
+        for block in block_chain([*prompt, *output[:-1]], block_tokens):
+            blocks[block] = None
+            blocks.move_to_end(block)
+        while len(blocks) > self._capacity:
+            blocks.popitem(last=False)
+
+
 def pooled_hits(
     requests: Iterable[tuple[Sequence[int], Sequence[int]]],
     capacity_blocks: int,
     block_tokens: int = BLOCK_TOKENS,
 ) -> list[tuple[int, int]]:
     """(hit tokens, prompt tokens) of each request, served by one LRU of `capacity_blocks`."""
-    lru: OrderedDict[int, None] = OrderedDict()
+    lru = BlockLru(capacity_blocks)
     out: list[tuple[int, int]] = []
     for prompt, output in requests:
-        chain = block_chain(prompt, block_tokens)
-        limit = max(0, (len(prompt) - 1) // block_tokens)
-        matched = 0
-        while matched < limit and chain[matched] in lru:
-            matched += 1
-        out.append((matched * block_tokens, len(prompt)))
-        for block in block_chain([*prompt, *output[:-1]], block_tokens):
-            lru[block] = None
-            lru.move_to_end(block)
-        while len(lru) > capacity_blocks:
-            lru.popitem(last=False)
+        out.append((lru.leading(prompt, block_tokens), len(prompt)))
+        lru.add(prompt, output, block_tokens)
     return out

@@ -16,12 +16,11 @@ where earlier requests went; a router that pays regret bought lower queueing wit
 from __future__ import annotations
 
 import argparse
-from collections import Counter, OrderedDict
+from collections import Counter
 from dataclasses import dataclass, field
 
-from loadtest.intrinsic import ChatTokens, block_chain
+from loadtest.intrinsic import BlockLru, ChatTokens
 from loadtest.replay import Record, read_records
-from loadtest.workloads import BLOCK_TOKENS
 
 
 @dataclass
@@ -45,13 +44,11 @@ class Regret:
 
 def routing_regret(records: list[Record], kv_blocks: int, keep: int = 10) -> Regret:
     tokens = ChatTokens()
-    lrus: dict[str, OrderedDict[int, None]] = {}
+    lrus: dict[str, BlockLru] = {}
     out = Regret()
     for i, record in enumerate(r for r in records if r.ok):
         prompt, answer = tokens.prompt(record.messages), tokens.answer(record.answer)
-        chain = block_chain(prompt)
-        limit = max(0, (len(prompt) - 1) // BLOCK_TOKENS)  # the last token is always computed
-        held = {w: _leading(chain, limit, lru) * BLOCK_TOKENS for w, lru in lrus.items()}
+        held = {w: lru.leading(prompt) for w, lru in lrus.items()}
         mine = held.get(record.worker, 0)
         best_worker = max(held, key=held.__getitem__, default=record.worker)
         best = max(mine, held.get(best_worker, 0))
@@ -65,21 +62,9 @@ def routing_regret(records: list[Record], kv_blocks: int, keep: int = 10) -> Reg
         if best > mine:
             out.by_reason[record.reason or "-"] += best - mine
             out.largest.append((best - mine, i, mine, best, record.worker, best_worker))
-        lru = lrus.setdefault(record.worker, OrderedDict())
-        for block in block_chain([*prompt, *answer[:-1]]):
-            lru[block] = None
-            lru.move_to_end(block)
-        while len(lru) > kv_blocks:
-            lru.popitem(last=False)
+        lrus.setdefault(record.worker, BlockLru(kv_blocks)).add(prompt, answer)
     out.largest = sorted(out.largest, reverse=True)[:keep]
     return out
-
-
-def _leading(chain: list[int], limit: int, lru: OrderedDict[int, None]) -> int:
-    n = 0
-    while n < limit and chain[n] in lru:
-        n += 1
-    return n
 
 
 def report(regret: Regret) -> list[str]:

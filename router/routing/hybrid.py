@@ -110,9 +110,14 @@ class HybridCost:
     def _peer_backlogs(self, candidates: Sequence[Worker]) -> list[float] | None:
         if not self.peer_backlog:
             return None  # one replica, or nothing heard of lately
-        now, rate = self.recent.now(), self.cost_model.rates.rate
-        backlog = self.peer_backlog.tokens
-        return [backlog(w.id, now, rate(w.id)) for w in candidates]
+        now = self.recent.now()
+        return [self._peer_tokens(w.id, now) for w in candidates]
+
+    def _peer_tokens(self, worker_id: str, now: float) -> float:
+        """Other replicas' prefill left on the worker (`PeerBacklog`)."""
+        if not self.peer_backlog:
+            return 0.0
+        return self.peer_backlog.tokens(worker_id, now, self.cost_model.rates.rate(worker_id))
 
     def _estimate_precise(
         self,
@@ -244,8 +249,7 @@ class HybridCost:
             matched_pending=stamp in self._pending,
             pick_stamp=mine,
             held_keys=held,
-            backlog_tokens=worker.prefill_backlog_tokens
-            + int(self.peer_backlog.tokens(worker.id, now, self.cost_model.rates.rate(worker.id))),
+            backlog_tokens=worker.prefill_backlog_tokens + int(self._peer_tokens(worker.id, now)),
             running=max(worker.reported.running, worker.in_flight),
         )
 
