@@ -180,7 +180,14 @@ class FrontExchange(Exchange):
         close = not self._keep_alive or self._conn.closing
         head = response_head(200, headers, EVENT_STREAM, "Transfer-Encoding: chunked", close)
         stream = ClientStream(
-            transport, True, self._conn.drain, gaps, ends_at_done=True, on_last=self._answered
+            transport,
+            True,
+            self._conn.drain,
+            gaps,
+            ends_at_done=True,
+            # The connection's method, not ours: we hold the stream, and a cycle through it is
+            # freed only by the collector.
+            on_last=self._conn.answer_sent,
         )
         transport.write(head + stream.frame(first))
         self.head_sent = True
@@ -190,9 +197,6 @@ class FrontExchange(Exchange):
     async def end_stream(self) -> None:
         if self._stream is None or not self._stream.ended:
             self._transport_or_gone().write(LAST_CHUNK)
-
-    def _answered(self) -> None:
-        self._conn.answered = True
 
     def send(self, reply: Reply) -> Written:
         """Write a whole reply; a reply after a stream's head cannot be sent (CUT)."""
@@ -208,5 +212,5 @@ class FrontExchange(Exchange):
         framing = f"Content-Length: {len(body)}"
         head = response_head(reply.status, reply.headers, reply.content_type, framing, close)
         transport.write(head + body)
-        self._answered()
+        self._conn.answer_sent()
         return Written.WHOLE

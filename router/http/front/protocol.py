@@ -117,6 +117,10 @@ class FrontConnection(asyncio.Protocol):
         self.answered = False  # the current request's answer went out whole
         self._gone = False
 
+    def answer_sent(self) -> None:
+        """The current request's answer went out whole (its stream's last chunk written)."""
+        self.answered = True
+
     # asyncio.Protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:

@@ -1,0 +1,42 @@
+"""A request leaves nothing for the cyclic garbage collector: reference counting frees it all.
+
+What a request allocates in a reference cycle lives on until a collection finds it; at 1000
+req/s, 30 such objects a request made a collection of 19,000 objects (10 ms, every request on
+the loop waiting) every 0.65 s. A cycle is easy to make by accident: a closure stored on the
+object it closes over, a bound method of an object kept by something that object holds.
+"""
+
+from __future__ import annotations
+
+import gc
+
+import aiohttp
+
+from tests.conftest import GatewayFactory, SimFactory, chat_body, gateway_config
+
+
+async def test_requests_leave_no_reference_cycles_of_the_gateways_objects(
+    sims: SimFactory, gateway: GatewayFactory, http: aiohttp.ClientSession
+) -> None:
+    workers = await sims(2)
+    url = await gateway(gateway_config([w.url for w in workers]))
+
+    async def requests(n: int) -> None:
+        for i in range(n):
+            body = chat_body(f"request {i} about city {i % 7}", stream=i % 2 == 0, max_tokens=8)
+            async with http.post(url + "/v1/chat/completions", json=body) as resp:
+                assert resp.status == 200
+                await resp.read()
+
+    await requests(10)  # connections, series and caches made once
+    gc.collect()
+    gc.set_debug(gc.DEBUG_SAVEALL)  # what a collection finds is kept for us to look at
+    try:
+        await requests(20)
+        gc.collect()
+        ours = [o for o in gc.garbage if type(o).__module__.startswith("router.")]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+    kinds = sorted({type(o).__qualname__ for o in ours})
+    assert not ours, f"requests left reference cycles through {kinds}"
