@@ -13,7 +13,8 @@ second-old snapshot of one busy step push cached prompts elsewhere. Likewise run
 are the larger of the report and the gateway's `in_flight`. Behind several replicas, in flight
 counts the others' requests too (`Worker.peer_in_flight`, from the worker's last report), and
 the queue ahead holds the prefill their shared decisions said they sent there (`PeerBacklog`):
-a waiting count at 50 ms a request prices a 10k-token prompt at a sixth of its prefill.
+a waiting count at 50 ms a request prices a 10k-token prompt at a tenth of its prefill at the
+prior rate (20,000 tokens/s).
 The last term is not a TTFT estimate but a deliberate price on concentration: a TTFT estimate
 alone sends every new session to the worker holding its system prompt whenever that is a little
 faster right now, although each session brings all its later turns along; charging each request
@@ -57,8 +58,8 @@ class CostModel:
     ) -> list[float]:
         """The estimated TTFT on each candidate of a prompt of which each holds `cached`
         tokens (the formula above), other replicas' prefill on it (`PeerBacklog`) queued ahead
-        too. Written out in one loop: a call per term and worker was a fifth of the pick's
-        cost."""
+        too. One loop over the candidates, not a call per term and worker (pick and observe
+        24.2 -> 23.7 us in a loop over 4 workers)."""
         rate_of, decode_of = self.rates.rate, self.rates.decode_s
         per_waiting, per_request = self._queue_s_per_waiting, self._balance_s_per_request
         peers = peer_backlog or [0.0] * len(candidates)

@@ -76,12 +76,13 @@ def split_usage_event(
             event, usage = _usage_event(events[start:end], drop, cached_tokens)
             end += 2
             if event is None:
-                out = events[:start] + events[end:] if start else events[end:]
+                out = events[:start] + events[end:]
             elif cached_tokens is None:
                 out = events  # the event unchanged
             else:
                 out = events[:start] + event + EVENT_END + events[end:]
-            # [DONE] ends a stream: it follows the usage event, when it is in this block.
+            # `DONE in events`, searched from the usage event first: [DONE] ends the stream, so
+            # it is almost always right behind it.
             done = events.find(DONE, start) >= 0 or events.find(DONE, 0, start) >= 0
             return out, usage, done
     return _split_events(events, drop, cached_tokens)
